@@ -1,0 +1,67 @@
+"""Shared test fixtures: a tiny random Llama-like HookedTransformer with an offline character tokenizer.
+
+Unit tests use only these (no downloads, seconds each). Integration tests use the embedded model.
+"""
+
+from __future__ import annotations
+
+import string
+import tempfile
+from functools import lru_cache
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test assistant<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@lru_cache(maxsize=1)
+def make_tokenizer():
+    """A character-level fast tokenizer with chat special tokens and a chat template (offline)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    chars = list(dict.fromkeys(string.printable))
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars + ["<unk>"])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<|im_end|>",
+                                  eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                  additional_special_tokens=SPECIALS)
+    tok.chat_template = CHAT_TEMPLATE
+    # TransformerLens reloads tokenizers by name_or_path, so give it a real folder to reload from.
+    folder = tempfile.mkdtemp(prefix="mechsafe-test-tok-")
+    tok.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def make_tiny_model(n_layers: int = 3, d_model: int = 32, seed: int = 0) -> HookedTransformer:
+    """A random Llama-like model (RMSNorm, rotary, gated SiLU MLP, grouped-query attention)."""
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=d_model, n_heads=4, d_head=d_model // 4, d_mlp=2 * d_model,
+        d_vocab=len(tok), n_ctx=512, act_fn="silu", normalization_type="RMS",
+        positional_embedding_type="rotary", rotary_dim=d_model // 4, gated_mlp=True, n_key_value_heads=2,
+        final_rms=True, default_prepend_bos=False, seed=seed, model_name="tiny-random",
+    )
+    model = HookedTransformer(cfg, tok, default_padding_side="right")
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model() -> HookedTransformer:
+    return make_tiny_model()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
