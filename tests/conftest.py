@@ -65,3 +65,11 @@ def tiny_model() -> HookedTransformer:
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M-Instruct with real (unprocessed) weights, loaded once per session."""
+    import mechsafe
+
+    return mechsafe.load_model("smollm2-135m-instruct", processing="none")

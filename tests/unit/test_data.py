@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import pytest
+
+import mechsafe as ms
+from mechsafe.data import HARM_CATEGORIES, assign_splits
+from mechsafe.errors import MechsafeError
+
+
+def test_bundled_suites_meet_the_spec():
+    harmful, harmless = ms.data.load("harmful"), ms.data.load("harmless")
+    assert len(harmless) >= 240
+    for cat in HARM_CATEGORIES:
+        assert harmful.groups.count(cat) >= 40
+    forms = ms.data._pool("harmful").meta["forms"]
+    assert {"question", "instruction"} <= set(forms)
+    assert len(ms.data.math_problems()) >= 100 and all(isinstance(p["answer"], (int, float)) for p in ms.data.math_problems())
+    assert len(ms.data.refusals()) >= 20 and len(ms.data.compliances()) >= 20 and len(ms.data.instructions()) >= 50
+    assert not set(harmful.texts) & set(harmless.texts)
+
+
+def test_splits_are_deterministic_stratified_and_shared_across_suites():
+    a, b = ms.data.load("harmful_vs_harmless"), ms.data.load("harmful_vs_harmless")
+    assert a.splits == b.splits and a.fingerprint() == b.fingerprint()
+    split_of = dict(zip(a.ids, a.splits))
+    tox = ms.data.load("toxicity_vs_other_harm")
+    assert all(split_of[i] == s for i, s in zip(tox.ids, tox.splits))
+    for cat in HARM_CATEGORIES:  # every category is in every split, ~60/20/20
+        sp = [s for g, s in zip(a.groups, a.splits) if g == cat]
+        assert 0.5 < sp.count("train") / len(sp) < 0.7 and sp.count("test") >= 5
+
+
+def test_assign_splits_fractions():
+    ids = [f"x{i}" for i in range(100)]
+    sp = assign_splits(ids, ["a"] * 100, (0.6, 0.2, 0.2), seed=0)
+    assert (sp.count("train"), sp.count("val"), sp.count("test")) == (60, 20, 20)
+    assert assign_splits(ids, ["a"] * 100, seed=1) != sp
+    with pytest.raises(MechsafeError):
+        assign_splits(ids, ["a"] * 100, (0.5, 0.2, 0.2))
+
+
+def test_local_jsonl_with_column_mapping_and_filter(tmp_path):
+    rows = [{"prompt": f"p{i}", "y": ["unsafe", "safe", "skip"][i % 3], "cat": f"c{i % 2}"} for i in range(30)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ps = ms.data.load(str(path), text_column="prompt", label_column="y", label_map={"unsafe": "harmful", "safe": "harmless"},
+                      group_column="cat")
+    assert len(ps) == 20 and ps.label_names == ["harmful", "harmless"]
+    assert set(ps.groups) == {"c0", "c1"}
+    ps.require_classes(2)
+
+
+def test_local_csv_and_parquet(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(10)], "label": [0, 1] * 5})
+    df.to_csv(tmp_path / "d.csv", index=False)
+    df.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.parquet"):
+        ps = ms.data.load(str(tmp_path / name))
+        assert ps.label_names == ["0", "1"] and list(ps.labels) == [0, 1] * 5
+
+
+def test_bad_data_gets_one_line_errors(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "a", "label": 1}) + "\n")
+    with pytest.raises(MechsafeError, match="no column 'prompt'"):
+        ms.data.load(str(path), text_column="prompt")
+    with pytest.raises(MechsafeError, match="only class"):
+        ms.data.load(str(path)).require_classes(2)
+    with pytest.raises(MechsafeError, match="no rows"):
+        ms.data.load(str(path), label_map={"x": 1})
+    with pytest.raises(MechsafeError, match="does not exist"):
+        ms.data.load(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(MechsafeError, match="unknown dataset"):
+        ms.data.load("no_such_suite")
+    empty = ms.data.load("harmful").subset(np.array([], dtype=int))
+    with pytest.raises(MechsafeError, match="empty"):
+        empty.require_classes(1)
+
+
+def test_hub_dataset_offline_suggests_local_file(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(MechsafeError, match="local .jsonl"):
+        ms.data.load("walledai/AdvBench")
+    with pytest.raises(MechsafeError, match="--text-column"):
+        ms.data.load("someone/unknown-set")

