@@ -207,8 +207,12 @@ def _load_hf_dir(path: Path):
 
 def load_checkpoint(path: str | os.PathLike, processing: str = "none", device: str = "cpu",
                     dtype: torch.dtype = torch.float32, spec: str | None = None,
-                    n_ctx: int | None = DEFAULT_N_CTX) -> HookedTransformer:
-    """Load a mechsafe checkpoint directory (see :func:`save_model`)."""
+                    n_ctx: int | None = DEFAULT_N_CTX, source: str | None = None) -> HookedTransformer:
+    """Load a mechsafe checkpoint directory (see :func:`save_model`).
+
+    ``source`` overrides the source recorded in the checkpoint (the cache may serve one GGUF file
+    under two specs).
+    """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -235,7 +239,7 @@ def load_checkpoint(path: str | os.PathLike, processing: str = "none", device: s
         model.to(device)
     model.eval()
     extra = {k: v for k, v in manifest.items() if k not in {"format", "processing", "spec", "source", "path"}}
-    model.mechsafe_info = ModelInfo(spec=spec or str(path), source=manifest.get("source", "checkpoint"),
+    model.mechsafe_info = ModelInfo(spec=spec or str(path), source=source or manifest.get("source", "checkpoint"),
                                     processing=processing, path=manifest.get("path"), checkpoint=str(path),
                                     extra=extra)
     return model
@@ -279,22 +283,22 @@ def load_model(spec: str = DEFAULT_MODEL, processing: str = "none", device: str 
         key = f"m-{_file_fingerprint([gguf])}"
         ckpt = _cached_checkpoint(key, lambda: (*_load_hf_gguf(gguf),
                                                 {"spec": DEFAULT_MODEL, "source": "embedded", "path": str(gguf)}))
-        model = load_checkpoint(ckpt, processing, device, dtype, spec=DEFAULT_MODEL, n_ctx=n_ctx)
+        model = load_checkpoint(ckpt, processing, device, dtype, spec=DEFAULT_MODEL, n_ctx=n_ctx, source="embedded")
     elif path.is_dir() and (path / CHECKPOINT_MANIFEST).is_file():
-        model = load_checkpoint(path, processing, device, dtype, spec=spec, n_ctx=n_ctx)
+        model = load_checkpoint(path, processing, device, dtype, spec=spec, n_ctx=n_ctx, source="checkpoint")
     elif path.is_dir() and (path / "config.json").is_file():
         files = [p for p in path.iterdir() if p.is_file()]
         key = f"m-{_file_fingerprint(files)}"
         ckpt = _cached_checkpoint(key, lambda: (*_load_hf_dir(path),
                                                 {"spec": spec, "source": "hf-dir", "path": str(path.resolve())}))
-        model = load_checkpoint(ckpt, processing, device, dtype, spec=spec, n_ctx=n_ctx)
+        model = load_checkpoint(ckpt, processing, device, dtype, spec=spec, n_ctx=n_ctx, source="hf-dir")
     elif path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise MechsafeError(f"GGUF file {spec} does not exist; check the path")
         key = f"m-{_file_fingerprint([path])}"
         ckpt = _cached_checkpoint(key, lambda: (*_load_hf_gguf(path),
                                                 {"spec": spec, "source": "gguf", "path": str(path.resolve())}))
-        model = load_checkpoint(ckpt, processing, device, dtype, spec=spec, n_ctx=n_ctx)
+        model = load_checkpoint(ckpt, processing, device, dtype, spec=spec, n_ctx=n_ctx, source="gguf")
     elif path.exists():
         raise MechsafeError(f"{spec} is neither a model directory (config.json), a mechsafe checkpoint, "
                             "nor a .gguf file; point at one of those")

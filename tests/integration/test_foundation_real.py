@@ -45,3 +45,9 @@ def test_activations_identical_batched_or_alone(smollm, tmp_path):
             for pooling in ("last", "mean"):
                 torch.testing.assert_close(batched.pooled(hook, pooling)[i], alone.pooled(hook, pooling)[0],
                                            atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_file_spec_reads_the_same_weights(smollm):
+    model = ms.load_model(str(models.embedded_gguf_path()))
+    assert ms.models.model_info(model).source == "gguf"
+    torch.testing.assert_close(model.blocks[3].mlp.W_in, smollm.blocks[3].mlp.W_in)

