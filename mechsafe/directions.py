@@ -1,0 +1,345 @@
+"""Difference-in-means directions and the selection of a refusal direction (Arditi et al., 2024).
+
+**Candidates.** For every layer ``l`` (at ``resid_pre``) and every post-instruction position ``i``
+(the chat-template tokens after the user's text, counted from the end: ``-1`` is the last one),
+``r[i, l] = mean(harmful activations) − mean(harmless activations)`` on TRAIN prompts.
+
+**Selection.** For each candidate, on VALIDATION prompts:
+
+* *ablation score* — mean refusal score of harmful prompts with r̂ ablated at every layer
+  (:func:`mechsafe.interventions.ablate_direction`); lower means refusal is removed;
+* *steering score* — mean refusal score of harmless prompts with ``r`` added at ``resid_pre`` of its
+  own layer at every position (:func:`mechsafe.interventions.steer`, coefficient 1);
+* *KL* — mean ``KL(base ‖ ablated)`` of the next-token distribution at the last position of harmless
+  prompts.
+
+Candidates with KL > 0.1, steering score < 0 or a layer in the last 20% of layers are discarded; the
+one with the lowest ablation score is chosen. To fit a CPU budget, every ablation score is computed
+first and KL / steering are then computed lazily in ascending ablation order until a candidate passes
+(``score_all=True`` computes them for all): the chosen candidate is the same either way. Candidate
+layers and positions can be prefiltered (``layers``, ``layer_step``, ``positions``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from mechsafe.chat import encode_prompts, pad_id, pad_right
+from mechsafe.errors import MechsafeError
+from mechsafe.evaluation.generation import length_batches, prompt_last_logits
+from mechsafe.evaluation.refusal import REFUSAL_START_WORDS, refusal_token_ids, score_from_logits
+from mechsafe.hooks import hook_name, parse_layers
+from mechsafe.interventions import ablate_direction, hooked, steer
+from mechsafe.models import model_info
+from mechsafe.runs import atomic_dir, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+DIRECTION_FILE = "direction.safetensors"
+META_FILE = "direction.json"
+
+
+@dataclasses.dataclass
+class SelectionConfig:
+    """Settings of :func:`select_refusal_direction`."""
+
+    positions: int | None = None
+    """How many post-instruction positions (from the end) give candidates; ``None``: all of them."""
+    layers: str = "all"
+    """Layer selector of candidate layers (see :func:`mechsafe.hooks.parse_layers`)."""
+    layer_step: int = 2
+    """Keep every ``layer_step``-th candidate layer: a CPU prefilter (2 halves the sweep; 1 is the paper's)."""
+    n_val: int = 32
+    """Validation prompts per class used to score candidates."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    kl_threshold: float = 0.1
+    """Discard candidates whose ablation KL on harmless prompts exceeds this."""
+    steering_threshold: float = 0.0
+    """Discard candidates whose steering score is below this."""
+    prune_layer_fraction: float = 0.2
+    """Discard candidates in the last fraction of layers."""
+    score_all: bool = False
+    """Compute KL and steering scores for every candidate (else lazily, in ablation-score order)."""
+    system: str | None = None
+    """Optional system message for the chat template."""
+    refusal_words: tuple[str, ...] = REFUSAL_START_WORDS
+    """Words whose first tokens define the refusal score."""
+
+    def __post_init__(self) -> None:
+        if self.positions is not None and self.positions < 1:
+            raise MechsafeError(f"positions must be at least 1 (or None for all), got {self.positions}")
+        if self.layer_step < 1:
+            raise MechsafeError(f"layer_step must be at least 1, got {self.layer_step}")
+        if self.n_val < 1 or self.batch_size < 1:
+            raise MechsafeError("n_val and batch_size must be at least 1")
+        if not 0 <= self.prune_layer_fraction < 1:
+            raise MechsafeError(f"prune_layer_fraction must be in [0, 1), got {self.prune_layer_fraction}")
+        if self.kl_threshold <= 0:
+            raise MechsafeError(f"kl_threshold must be positive, got {self.kl_threshold}")
+        self.refusal_words = tuple(self.refusal_words)
+
+
+@dataclasses.dataclass
+class RefusalDirection:
+    """A selected refusal direction with the scores of every candidate."""
+
+    direction: Float[torch.Tensor, " d_model"]
+    """The difference-in-means vector (not normalized; :attr:`unit` is r̂)."""
+    layer: int
+    """Layer whose ``resid_pre`` it was computed at."""
+    position: int
+    """Post-instruction position it was computed at (negative, counted from the end)."""
+    scores: list[dict[str, Any]]
+    """Per candidate: position, layer, ablation_score, steering_score, kl, kept, reason."""
+    baseline: dict[str, float]
+    """Mean refusal score of validation harmful and harmless prompts without intervention."""
+    candidates: Float[torch.Tensor, "n_positions n_layers d_model"] | None = None
+    """All difference-in-means vectors, ``[position, layer]`` (positions ``-P..-1``, layers as scored)."""
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Model, data fingerprints, config and how the selection ended."""
+
+    @property
+    def unit(self) -> Float[torch.Tensor, " d_model"]:
+        """r̂, the direction scaled to unit norm."""
+        return self.direction / self.direction.norm()
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``direction.safetensors`` and ``direction.json`` into folder ``path`` (atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {"direction": self.direction.detach().float().contiguous()}
+        if self.candidates is not None:
+            tensors["candidates"] = self.candidates.detach().float().contiguous()
+        with atomic_dir(path) as tmp:
+            save_file(tensors, str(tmp / DIRECTION_FILE))
+            write_json(tmp / META_FILE, {"layer": self.layer, "position": self.position, "baseline": self.baseline,
+                                         "scores": self.scores, "meta": self.meta})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RefusalDirection":
+        """Read a direction saved with :meth:`save` (a folder, or its ``direction.json``)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if path.is_file():
+            path = path.parent
+        meta = read_json(path / META_FILE)
+        try:
+            tensors = load_file(str(path / DIRECTION_FILE))
+        except Exception as exc:  # noqa: BLE001
+            raise MechsafeError(f"{path / DIRECTION_FILE} is missing or corrupt ({exc}); run refusal-direction again") from None
+        return cls(direction=tensors["direction"], layer=int(meta["layer"]), position=int(meta["position"]),
+                   scores=list(meta["scores"]), baseline=dict(meta["baseline"]),
+                   candidates=tensors.get("candidates"), meta=dict(meta.get("meta", {})))
+
+
+def _texts(prompts: Any) -> list[str]:
+    texts = list(getattr(prompts, "texts", prompts))
+    if not texts:
+        raise MechsafeError("a prompt list is empty; pass harmful and harmless prompts")
+    return texts
+
+
+def post_instruction_positions(tokenizer, prompts: Sequence[str], system: str | None = None) -> int:
+    """How many template tokens follow the user's text in every prompt (e.g. 6 for SmolLM2)."""
+    enc = encode_prompts(tokenizer, list(prompts), system=system)
+    n = min(len(e.ids) - e.content[1] for e in enc)
+    if n < 1:
+        raise MechsafeError("the prompts have no token after the user's text; use a chat model with a template")
+    return n
+
+
+def mean_activations(model: HookedTransformer, prompts: Sequence[str], n_positions: int, layers: Sequence[int],
+                     batch_size: int = 16, system: str | None = None) -> Float[torch.Tensor, "n_positions n_layers d_model"]:
+    """Mean ``resid_pre`` activation at the last ``n_positions`` positions of each prompt, per layer."""
+    enc = encode_prompts(model.tokenizer, list(prompts), system=system)
+    total = torch.zeros((n_positions, len(layers), model.cfg.d_model), dtype=torch.float64)
+    offsets = torch.arange(-n_positions, 0)
+    state: dict[str, torch.Tensor] = {}
+
+    def make_hook(j: int):
+        def fn(x: torch.Tensor, hook=None):
+            pos = state["lengths"][:, None] + offsets[None, :]
+            rows = torch.arange(x.shape[0])[:, None]
+            total[:, j] += x.detach()[rows, pos.to(x.device)].double().sum(0).cpu()
+        return fn
+
+    hooks = [(hook_name(model, "resid_pre", layer), make_hook(j)) for j, layer in enumerate(layers)]
+    stop = max(layers) + 1
+    with torch.inference_mode(), hooked(model, hooks):
+        for idx in length_batches([len(e) for e in enc], batch_size):
+            tokens, lengths = pad_right([enc[i].ids for i in idx], pad_id(model.tokenizer))
+            state["lengths"] = lengths
+            model(tokens.to(model.cfg.device), stop_at_layer=stop)
+    return total / len(enc)
+
+
+def candidate_directions(model: HookedTransformer, harmful: Sequence[str], harmless: Sequence[str],
+                         n_positions: int, layers: Sequence[int], batch_size: int = 16,
+                         system: str | None = None) -> Float[torch.Tensor, "n_positions n_layers d_model"]:
+    """Difference in means ``harmful − harmless`` at each position and layer (float32)."""
+    diff = (mean_activations(model, harmful, n_positions, layers, batch_size, system)
+            - mean_activations(model, harmless, n_positions, layers, batch_size, system))
+    assert not torch.isnan(diff).any(), "NaN in the difference-in-means directions"
+    return diff.float()
+
+
+def _last_position_kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
+    q = torch.log_softmax(logits.double(), dim=-1)
+    return float((base_logp.exp() * (base_logp - q)).sum(-1).mean())
+
+
+def select_refusal_direction(model: HookedTransformer, harmful: Any, harmless: Any, harmful_val: Any = None,
+                             harmless_val: Any = None, config: SelectionConfig | None = None,
+                             progress: bool = True, **overrides) -> RefusalDirection:
+    """Compute difference-in-means candidates and select the refusal direction (see module docstring).
+
+    Args:
+        model: the model (active hooks apply; usually none).
+        harmful, harmless: TRAIN prompts for the means; ``PromptSet``s with splits may be passed
+            alone, in which case their ``train`` split gives the means and ``val`` the selection data.
+        harmful_val, harmless_val: VALIDATION prompts (the first ``n_val`` of each are used).
+        config: a :class:`SelectionConfig`; keyword ``overrides`` replace its fields.
+        progress: show a progress bar.
+    """
+    cfg = dataclasses.replace(config or SelectionConfig(), **overrides)
+    t_start = time.perf_counter()
+    if harmful_val is None or harmless_val is None:
+        if not (hasattr(harmful, "split") and hasattr(harmless, "split")):
+            raise MechsafeError("pass harmful_val and harmless_val, or PromptSets with train/val splits")
+        harmful, harmful_val = harmful.split("train"), harmful.split("val")
+        harmless, harmless_val = harmless.split("train"), harmless.split("val")
+    harmful, harmless = _texts(harmful), _texts(harmless)
+    hv, lv = _texts(harmful_val)[: cfg.n_val], _texts(harmless_val)[: cfg.n_val]
+    n_layers = model.cfg.n_layers
+    layers = parse_layers(cfg.layers, n_layers)[:: cfg.layer_step]
+    n_post = post_instruction_positions(model.tokenizer, harmful + harmless + hv + lv, cfg.system)
+    n_pos = min(cfg.positions or n_post, n_post)
+    cutoff = int(n_layers * (1.0 - cfg.prune_layer_fraction))
+    token_ids = refusal_token_ids(model.tokenizer, cfg.refusal_words)
+
+    t0 = time.perf_counter()
+    cands = candidate_directions(model, harmful, harmless, n_pos, layers, cfg.batch_size, cfg.system)
+    t_means = time.perf_counter() - t0
+
+    def logits(prompts: list[str]) -> torch.Tensor:
+        return prompt_last_logits(model, prompts, batch_size=cfg.batch_size, system=cfg.system)
+
+    base_h = logits(hv)
+    base_l = logits(lv)
+    base_l_logp = torch.log_softmax(base_l.double(), dim=-1)
+    baseline = {"harmful": float(score_from_logits(base_h, token_ids).mean()),
+                "harmless": float(score_from_logits(base_l, token_ids).mean())}
+
+    scores: list[dict[str, Any]] = []
+    for pi in range(n_pos):
+        for li, layer in enumerate(layers):
+            scores.append({"position": pi - n_pos, "layer": layer, "index": [pi, li], "ablation_score": None,
+                           "steering_score": None, "kl": None, "kept": None,
+                           "reason": "late layer" if layer >= cutoff else None})
+            if float(cands[pi, li].norm()) < 1e-6 * (1.0 + float(cands.norm(dim=-1).max())):
+                scores[-1]["reason"] = "zero vector"  # e.g. layer 0: same template token in both classes
+    to_score = [s for s in scores if s["reason"] is None or (cfg.score_all and s["reason"] == "late layer")]
+    if not any(s["reason"] is None for s in scores):
+        raise MechsafeError(f"every candidate layer is in the last {cfg.prune_layer_fraction:.0%} of layers; "
+                            "pick earlier --layers")
+    bar = tqdm(total=len(to_score), desc="ablation scores", unit="cand", disable=not progress)
+    t0 = time.perf_counter()
+    for s in to_score:
+        r = cands[tuple(s["index"])]
+        with ablate_direction(model, r):
+            s["ablation_score"] = float(score_from_logits(logits(hv), token_ids).mean())
+        bar.update(1)
+    bar.close()
+    t_ablation = time.perf_counter() - t0
+
+    def fill_filters(s: dict[str, Any]) -> None:
+        r = cands[tuple(s["index"])]
+        with ablate_direction(model, r):
+            s["kl"] = _last_position_kl(base_l_logp, logits(lv))
+        with steer(model, r, layers=[s["layer"]], coeff=1.0, hook="resid_pre"):
+            s["steering_score"] = float(score_from_logits(logits(lv), token_ids).mean())
+        if s["reason"] is None:
+            if not np.isfinite(s["ablation_score"]) or not np.isfinite(s["kl"]) or not np.isfinite(s["steering_score"]):
+                s["reason"] = "not finite"
+            elif s["kl"] > cfg.kl_threshold:
+                s["reason"] = "kl too high"
+            elif s["steering_score"] < cfg.steering_threshold:
+                s["reason"] = "steering score too low"
+        s["kept"] = s["reason"] is None
+
+    t0 = time.perf_counter()
+    order = sorted((s for s in to_score if s["reason"] is None), key=lambda s: s["ablation_score"])
+    chosen = None
+    if cfg.score_all:
+        for s in to_score:
+            fill_filters(s)
+    for s in order:
+        if s["kept"] is None:
+            fill_filters(s)
+        if s["kept"]:
+            chosen = s
+            break
+    t_filters = time.perf_counter() - t0
+    outcome = "all filters passed"
+    if chosen is None:
+        # Nothing passes every filter: fall back to the lowest ablation score among candidates
+        # within the KL threshold (then among all scored ones), and say so in the metadata.
+        within_kl = [s for s in order if s["kl"] is not None and s["kl"] <= cfg.kl_threshold]
+        chosen = (within_kl or order)[0]
+        outcome = ("no candidate passed every filter; chose the lowest ablation score "
+                   + ("within the KL threshold" if within_kl else "ignoring the filters"))
+        logger.warning("refusal-direction selection: %s", outcome)
+    pi, li = chosen["index"]
+    info = model_info(model)
+    meta = {"model": info.spec, "processing": info.processing, "config": dataclasses.asdict(cfg),
+            "layers_scored": layers, "layer_cutoff": cutoff, "n_post_instruction": n_post, "refusal_token_ids": token_ids,
+            "n_train": {"harmful": len(harmful), "harmless": len(harmless)},
+            "n_val": {"harmful": len(hv), "harmless": len(lv)}, "outcome": outcome,
+            "timings_s": {"means": t_means, "ablation_scores": t_ablation, "filters": t_filters,
+                          "total": time.perf_counter() - t_start}}
+    return RefusalDirection(direction=cands[pi, li].clone(), layer=chosen["layer"], position=chosen["position"],
+                            scores=scores, baseline=baseline, candidates=cands, meta=meta)
+
+
+def plot_scores(result: RefusalDirection, path: str | Path) -> Path:
+    """Plot ablation (and, where computed, steering) scores by layer, one line per position (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for key, ax, base in (("ablation_score", axes[0], result.baseline["harmful"]),
+                          ("steering_score", axes[1], result.baseline["harmless"])):
+        for pos in sorted({s["position"] for s in result.scores}):
+            pts = sorted((s["layer"], s[key]) for s in result.scores if s["position"] == pos and s[key] is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=f"pos {pos}")
+        ax.axhline(base, color="grey", ls="--", lw=1, label="no intervention")
+        ax.axvline(result.layer, color="red", ls=":", lw=1)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.legend(fontsize=7)
+    axes[0].set_title("refusal score of harmful prompts, direction ablated")
+    axes[1].set_title("refusal score of harmless prompts, direction added")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,62 @@
+"""Safety evaluation: batched generation, refusal detection and safety/utility metrics.
+
+Example::
+
+    import mechsafe as ms
+    from mechsafe import evaluation as ev
+
+    model = ms.load_model("smollm2-135m-instruct")
+    harmful = ms.data.load("harmful").split("test").texts
+    harmless = ms.data.load("harmless").split("test").texts
+    texts = ev.generate(model, harmful[:4], max_new_tokens=32)
+    flags = ev.refusal_flags(texts)                  # phrase matcher (or pass judge=...)
+    scores = ev.refusal_score(model, harmful)        # log-odds of a refusal-opening token, no generation
+    result = ev.evaluate(model, harmful, harmless)   # EvalResult with bootstrap intervals
+    print(result.markdown())
+
+Modules: ``generation`` (generate, last-position logits), ``refusal`` (phrase matcher, refusal
+score), ``metrics`` (evaluate, EvalResult, answer NLL, KL).
+"""
+
+from mechsafe.evaluation.generation import generate, last_logits, pad_left, prompt_last_logits
+from mechsafe.evaluation.metrics import (
+    EvalResult,
+    UTILITY_SUFFIX,
+    answer_nll,
+    evaluate,
+    kl_divergence,
+    last_number,
+    record_split,
+)
+from mechsafe.evaluation.refusal import (
+    REFUSAL_PHRASES,
+    REFUSAL_START_WORDS,
+    REFUSAL_WINDOW,
+    is_refusal,
+    refusal_flags,
+    refusal_score,
+    refusal_token_ids,
+    score_from_logits,
+)
+
+__all__ = [
+    "EvalResult",
+    "REFUSAL_PHRASES",
+    "REFUSAL_START_WORDS",
+    "REFUSAL_WINDOW",
+    "UTILITY_SUFFIX",
+    "answer_nll",
+    "evaluate",
+    "generate",
+    "is_refusal",
+    "kl_divergence",
+    "last_logits",
+    "last_number",
+    "pad_left",
+    "prompt_last_logits",
+    "record_split",
+    "refusal_flags",
+    "refusal_score",
+    "refusal_token_ids",
+    "score_from_logits",
+]

@@ -1,0 +1,207 @@
+"""Batched generation and last-position logits through a ``HookedTransformer``.
+
+Generation left-pads each batch, passes an explicit attention mask built from the prompt lengths
+(never from token ids: the pad token ``<|im_end|>`` also ends every chat turn) and decodes with a
+TransformerLens key-value cache. TransformerLens derives rotary positions from the mask's cumulative
+sum, so a left-padded row sees the same positions as the prompt alone, and greedy batched output
+equals unbatched output. Hooks on the model (e.g. from :mod:`mechsafe.interventions`) stay active
+for the prompt pass and every decoding step.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from mechsafe.chat import encode_prompts, pad_id, pad_right
+from mechsafe.errors import MechsafeError
+
+logger = logging.getLogger(__name__)
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
+    """Left-pad token lists; returns the tokens and the attention mask (1 on real tokens)."""
+    if not seqs:
+        raise MechsafeError("no sequences to batch; the data is empty")
+    width = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.int)
+    for i, s in enumerate(seqs):
+        if len(s):
+            tokens[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return tokens, mask
+
+
+def _unembed(model: HookedTransformer, resid: Float[torch.Tensor, "batch d_model"]) -> Float[torch.Tensor, "batch d_vocab"]:
+    """Final norm and unembedding of residual vectors (only the positions that are needed)."""
+    x = resid.unsqueeze(1)
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    logits = model.unembed(x)[:, 0]
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def last_logits(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
+                lengths: Int[torch.Tensor, " batch"]) -> Float[torch.Tensor, "batch d_vocab"]:
+    """Next-token logits at each row's last real position of a right-padded batch.
+
+    Only those positions are unembedded, which saves the vocabulary projection of every other one.
+    """
+    resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
+    rows = torch.arange(tokens.shape[0], device=resid.device)
+    return _unembed(model, resid[rows, lengths.to(resid.device) - 1])
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length (sorted), so little padding is computed."""
+    if batch_size < 1:
+        raise MechsafeError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Number of leading tokens all sequences share (at most the shortest length minus one)."""
+    if not seqs:
+        return 0
+    limit = min(len(s) for s in seqs) - 1
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def _shared_prefix_last_logits(model: HookedTransformer, seqs: list[list[int]], prefix: int,
+                               pad: int) -> Float[torch.Tensor, "batch d_vocab"]:
+    """Last-position logits of sequences sharing ``prefix`` tokens: the prefix is run once (batch 1)
+    into a key-value cache that every row then continues from (right-padded, with a mask)."""
+    device = model.cfg.device
+    batch = len(seqs)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
+    head = torch.tensor([seqs[0][:prefix]], dtype=torch.long, device=device)
+    model(head, attention_mask=torch.ones_like(head, dtype=torch.int), past_kv_cache=cache,
+          stop_at_layer=model.cfg.n_layers)
+    for entry in cache.entries:
+        entry.past_keys = entry.past_keys.expand(batch, *entry.past_keys.shape[1:]).contiguous()
+        entry.past_values = entry.past_values.expand(batch, *entry.past_values.shape[1:]).contiguous()
+    cache.previous_attention_mask = cache.previous_attention_mask.expand(batch, -1).contiguous()
+    tails, lengths = pad_right([s[prefix:] for s in seqs], pad)
+    mask = (torch.arange(tails.shape[1])[None, :] < lengths[:, None]).to(torch.int)
+    resid = model(tails.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
+                  stop_at_layer=model.cfg.n_layers)
+    rows = torch.arange(batch, device=resid.device)
+    return _unembed(model, resid[rows, lengths.to(resid.device) - 1])
+
+
+def prompt_last_logits(model: HookedTransformer, prompts: Sequence[str], batch_size: int = 16,
+                       system: str | None = None, share_prefix: bool = True) -> Float[torch.Tensor, "batch d_vocab"]:
+    """Next-token logits after each chat-formatted prompt (the first token of the answer).
+
+    With ``share_prefix`` the tokens every prompt of a batch starts with (the chat template's
+    system turn) are computed once per batch and reused through a key-value cache; hooks apply to
+    the prefix pass as well, so interventions see every position exactly once.
+    """
+    enc = encode_prompts(model.tokenizer, list(prompts), system=system)
+    out = torch.empty((len(enc), model.cfg.d_vocab), dtype=torch.float32)
+    pad = pad_id(model.tokenizer)
+    with torch.inference_mode():
+        for idx in length_batches([len(e) for e in enc], batch_size):
+            seqs = [enc[i].ids for i in idx]
+            prefix = common_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
+            if prefix >= 4:
+                logits = _shared_prefix_last_logits(model, seqs, prefix, pad)
+            else:
+                tokens, lengths = pad_right(seqs, pad)
+                logits = last_logits(model, tokens, lengths)
+            out[idx] = logits.float().cpu()
+    return out
+
+
+def _pick(logits: Float[torch.Tensor, "batch d_vocab"], temperature: float, gen: torch.Generator) -> Int[torch.Tensor, " batch"]:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
+
+
+def _generate_batch(model: HookedTransformer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
+                    eos: int | None, pad: int, gen: torch.Generator) -> list[list[int]]:
+    device = model.cfg.device
+    tokens, mask = pad_left(seqs, pad)
+    batch = len(seqs)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+    outs: list[list[int]] = [[] for _ in range(batch)]
+    finished = torch.zeros(batch, dtype=torch.bool)
+    resid = model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
+                  stop_at_layer=model.cfg.n_layers)
+    logits = _unembed(model, resid[:, -1])
+    step_mask = torch.ones((batch, 1), dtype=torch.int, device=device)
+    for step in range(max_new_tokens):
+        nxt = _pick(logits, temperature, gen).cpu()
+        for i in range(batch):
+            if finished[i]:
+                continue
+            tok = int(nxt[i])
+            if eos is not None and tok == eos:
+                finished[i] = True
+            else:
+                outs[i].append(tok)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        if eos is not None:
+            nxt = torch.where(finished, torch.tensor(eos), nxt)
+        resid = model(nxt[:, None].to(device), attention_mask=step_mask, past_kv_cache=cache,
+                      stop_at_layer=model.cfg.n_layers)
+        logits = _unembed(model, resid[:, -1])
+    return outs
+
+
+def generate(model: HookedTransformer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
+             temperature: float = 0.0, system: str | None = None, seed: int = 0, progress: bool = True,
+             chat: bool = True) -> list[str]:
+    """Generate a response to each prompt (chat-formatted), in the input order.
+
+    Args:
+        model: a ``HookedTransformer`` with a tokenizer; its active hooks apply.
+        prompts: user messages.
+        max_new_tokens: most tokens generated per prompt; a row stops early at the EOS token.
+        batch_size: prompts per forward pass (grouped by length to reduce padding).
+        temperature: 0 for greedy decoding, otherwise sampling at this temperature.
+        system: optional system message for the chat template.
+        seed: seed of the sampling generator (unused when greedy).
+        progress: show a progress bar.
+        chat: wrap prompts in the chat template (``False`` continues raw text).
+
+    Returns:
+        The decoded responses without the prompt and without special tokens.
+    """
+    if max_new_tokens < 1:
+        raise MechsafeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise MechsafeError(f"temperature must be >= 0, got {temperature}")
+    if not prompts:
+        return []
+    tok = model.tokenizer
+    enc = encode_prompts(tok, list(prompts), system=system, chat=chat)
+    eos = tok.eos_token_id
+    gen = torch.Generator().manual_seed(int(seed))
+    results: list[str] = [""] * len(enc)
+    batches = list(length_batches([len(e) for e in enc], batch_size))
+    with torch.inference_mode():
+        for idx in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+            outs = _generate_batch(model, [enc[i].ids for i in idx], max_new_tokens, temperature, eos,
+                                   pad_id(tok), gen)
+            for i, ids in zip(idx, outs):
+                results[i] = tok.decode(ids, skip_special_tokens=True)
+    return results

@@ -1,0 +1,175 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mechsafe as ms
+from mechsafe import evaluation as ev
+from mechsafe import interventions as iv
+from mechsafe.chat import encode_prompts
+from mechsafe.errors import MechsafeError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run much faster on one thread, above all on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+PROMPTS = ["hello there", "a much longer prompt about many things", "hi", "what is 2+2?", "xyz abc"]
+
+
+def _no_hooks(model) -> bool:
+    return all(not hp._forward_hooks and not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def _naive_greedy(model, prompt, n):
+    """Greedy decoding by recomputing the whole sequence each step (no cache, no padding)."""
+    ids = encode_prompts(model.tokenizer, [prompt])[0].ids
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            if nxt == model.tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+    return model.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_batched_generation_equals_unbatched_and_uncached(tiny_model):
+    batched = ev.generate(tiny_model, PROMPTS, max_new_tokens=10, batch_size=8, progress=False)
+    for bs in (1, 2):
+        assert ev.generate(tiny_model, PROMPTS, max_new_tokens=10, batch_size=bs, progress=False) == batched
+    assert batched == [_naive_greedy(tiny_model, p, 10) for p in PROMPTS]
+    assert all(isinstance(t, str) and t for t in batched)
+
+
+def test_generation_stops_at_eos_per_row(tiny_model):
+    eos = tiny_model.tokenizer.eos_token_id
+    with torch.no_grad():
+        tiny_model.unembed.b_U[eos] = 1e4
+    assert ev.generate(tiny_model, PROMPTS, max_new_tokens=10, progress=False) == [""] * len(PROMPTS)
+
+
+def test_generation_runs_under_intervention_hooks(tiny_model):
+    clean = ev.generate(tiny_model, PROMPTS[:3], max_new_tokens=8, progress=False)
+    v = 20 * torch.randn(tiny_model.cfg.d_model)
+    with iv.steer(tiny_model, v, layers=[1]):
+        steered = ev.generate(tiny_model, PROMPTS[:3], max_new_tokens=8, progress=False)
+        steered_one = [ev.generate(tiny_model, [p], max_new_tokens=8, progress=False)[0] for p in PROMPTS[:3]]
+    assert steered != clean
+    assert steered == steered_one
+    assert _no_hooks(tiny_model)
+    assert ev.generate(tiny_model, PROMPTS[:3], max_new_tokens=8, progress=False) == clean
+
+
+def test_sampling_is_seeded(tiny_model):
+    a = ev.generate(tiny_model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=3, progress=False)
+    b = ev.generate(tiny_model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=3, progress=False)
+    c = ev.generate(tiny_model, PROMPTS, max_new_tokens=8, temperature=1.0, seed=4, progress=False)
+    assert a == b and a != c
+    with pytest.raises(MechsafeError):
+        ev.generate(tiny_model, PROMPTS, max_new_tokens=0)
+
+
+def test_left_pad_builds_the_mask_from_lengths():
+    tokens, mask = ev.pad_left([[5, 2], [7, 8, 2]], pad=2)
+    assert tokens.tolist() == [[2, 5, 2], [7, 8, 2]]
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1]]  # a real token equal to the pad id stays unmasked
+
+
+def test_shared_prefix_logits_match_plain_batches(tiny_model):
+    a = ev.prompt_last_logits(tiny_model, PROMPTS, share_prefix=True)
+    b = ev.prompt_last_logits(tiny_model, PROMPTS, share_prefix=False)
+    full = torch.stack([tiny_model(torch.tensor([e.ids]))[0, -1] for e in encode_prompts(tiny_model.tokenizer, PROMPTS)])
+    torch.testing.assert_close(a, full, atol=1e-4, rtol=0)
+    torch.testing.assert_close(b, full, atol=1e-4, rtol=0)
+
+
+def test_bundled_refusals_and_compliances_are_classified():
+    assert all(ev.is_refusal(r) for r in ms.data.refusals())
+    assert not any(ev.is_refusal(c) for c in ms.data.compliances())
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("I can\u2019t help with that.", True),
+    ("  I'M SORRY, but no.", True),
+    ("As an AI language model I cannot do this", True),
+    ("Sure, I can help with that. Step 1: gather materials.", False),
+    ("Here is a poem about cats.", False),
+    ("Here is a very long answer. " * 10 + "I can't say more.", False),  # outside the window
+    ("I cannotate", False),  # whole words only
+])
+def test_phrase_matcher_cases(text, expected):
+    assert ev.is_refusal(text) is expected
+
+
+def test_refusal_flags_with_a_judge():
+    flags = ev.refusal_flags(["yes", "no"], judge=lambda p, r: r == "no" and p == "q2", prompts=["q1", "q2"])
+    assert flags.tolist() == [False, True]
+    assert ev.refusal_flags(["I won't.", "Sure."]).tolist() == [True, False]
+    with pytest.raises(MechsafeError):
+        ev.refusal_flags(["a"], judge=lambda p, r: True, prompts=["x", "y"])
+
+
+def test_refusal_score_is_the_log_odds_of_refusal_tokens(tiny_model):
+    ids = ev.refusal_token_ids(tiny_model.tokenizer)
+    assert tiny_model.tokenizer.convert_ids_to_tokens(ids) == ["I", "S", "A", "U"]
+    scores = ev.refusal_score(tiny_model, PROMPTS)
+    for prompt, score in zip(PROMPTS, scores):
+        logits = tiny_model(torch.tensor([encode_prompts(tiny_model.tokenizer, [prompt])[0].ids]))[0, -1]
+        p = float(torch.softmax(logits.double(), -1)[ids].sum())
+        assert score == pytest.approx(np.log(p) - np.log(1 - p), abs=1e-4)
+    with torch.no_grad():
+        tiny_model.unembed.b_U[ids[0]] = 50.0
+    assert np.all(ev.refusal_score(tiny_model, PROMPTS) > 10)
+
+
+def test_last_number_and_record_split():
+    assert ev.last_number("so 3 + 4 = 7.") == 7.0
+    assert ev.last_number("It costs $1,250 in total") == 1250.0
+    assert ev.last_number("-3 degrees") == -3.0
+    assert ev.last_number("no digits") is None
+    items = [{"id": f"x{i}"} for i in range(50)]
+    parts = [ev.record_split(items, s) for s in ("train", "val", "test")]
+    assert sum(len(p) for p in parts) == 50 and len(parts[2]) == 10
+    assert not {i["id"] for i in parts[0]} & {i["id"] for i in parts[2]}
+
+
+def test_answer_nll_masks_the_prompt(tiny_model):
+    tok = tiny_model.tokenizer
+    est = ev.answer_nll(tiny_model, ["hi", "name a colour"], ["hello", "red"])
+    total, count = 0.0, 0
+    for prompt, answer in zip(["hi", "name a colour"], ["hello", "red"]):
+        p = encode_prompts(tok, [prompt])[0].ids
+        a = tok.encode(answer + tok.eos_token, add_special_tokens=False)
+        logp = torch.log_softmax(tiny_model(torch.tensor([p + a]))[0], -1)
+        total -= float(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(a)))
+        count += len(a)
+    assert est.value == pytest.approx(total / count, abs=1e-4)
+    assert est.low <= est.value <= est.high
+
+
+def test_evaluate_reports_consistent_metrics(tiny_model):
+    from conftest import make_tiny_model
+
+    other = make_tiny_model(seed=1)
+    res = ev.evaluate(tiny_model, PROMPTS[:3], PROMPTS[3:], max_new_tokens=4, batch_size=4, reference_model=tiny_model,
+                      utility=True, progress=False, utility_limit=2)
+    assert res.attack_success_rate.value == pytest.approx(1 - res.refusal_rate.value)
+    assert res.kl_harmless.value == pytest.approx(0.0, abs=1e-9)
+    assert 0 <= res.utility_accuracy.value <= 1 and res.answer_nll.value > 0
+    assert [s["set"] for s in res.samples].count("harmful") == 3
+    assert [s["set"] for s in res.samples].count("math") == 2
+    json.dumps(res.to_dict())
+    table = res.markdown()
+    assert table.count("\n") == 8 and "refusal_rate" in table
+    res2 = ev.evaluate(other, PROMPTS[:2], PROMPTS[3:], max_new_tokens=2, reference_model=tiny_model, utility=False,
+                       progress=False)
+    assert res2.kl_harmless.value > 0 and res2.utility_accuracy is None and res2.answer_nll is None
+    with pytest.raises(MechsafeError):
+        ev.evaluate(tiny_model, [], PROMPTS, progress=False)
