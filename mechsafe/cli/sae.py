@@ -1,0 +1,134 @@
+"""``mechsafe sae``: train (with SAE-Lens), evaluate and inspect sparse autoencoders.
+
+::
+
+    mechsafe sae train sae/smollm2-resid-mid.yaml                      # -> runs/sae/smollm2-resid-mid/
+    mechsafe sae train sae/smollm2-resid-mid.yaml --layer 10 --architecture batchtopk --out runs/sae/l10
+    mechsafe sae eval runs/sae/smollm2-resid-mid --max-prompts 50
+    mechsafe sae inspect runs/sae/smollm2-resid-mid --features 12,40
+
+Every field of the recipe (:class:`mechsafe.sae.SAETrainConfig`) is also an option of ``sae train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from mechsafe.errors import MechsafeError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from mechsafe.sae.config import SAETrainConfig, field_docs
+
+    p = sub.add_parser("sae", help="train, evaluate and inspect SAEs (SAE-Lens)")
+    group = p.add_subparsers(dest="sae_command", metavar="ACTION")
+
+    t = group.add_parser("train", help="train an SAE from a YAML recipe, evaluate it on held-out prompts, save it")
+    t.add_argument("recipe", help="YAML recipe, e.g. sae/smollm2-resid-mid.yaml")
+    t.add_argument("--out", help="SAE directory to write (default: <runs-dir>/sae/<recipe name>)")
+    t.add_argument("--runs-dir", default="runs", help="root of the default output (default: %(default)s)")
+    t.add_argument("--activation-root", help="activation-store folder (default: $MECHSAFE_CACHE/activations)")
+    t.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    overrides = t.add_argument_group("recipe overrides (any SAETrainConfig field)")
+    docs = field_docs()
+    for field in dataclasses.fields(SAETrainConfig):
+        overrides.add_argument(f"--{field.name.replace('_', '-')}", dest=f"cfg_{field.name}", metavar="VALUE",
+                               help=docs.get(field.name, "").replace("%", "%%"))
+    t.set_defaults(func=run_train)
+
+    e = group.add_parser("eval", help="evaluate a saved SAE on held-out prompts (L0, EV, MSE, dead/dense, CE)")
+    e.add_argument("sae", help="SAE directory (or SAE-Lens release/sae_id)")
+    _add_model_args(e)
+    e.add_argument("--data", default=None, help="prompt set (default: the SAE's eval_data, else harmful_vs_harmless)")
+    e.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: %(default)s)")
+    e.add_argument("--max-prompts", type=int, help="evaluate on at most this many prompts")
+    e.add_argument("--runs-dir", default="runs", help="folder for the run directory (default: %(default)s)")
+    e.set_defaults(func=run_eval)
+
+    i = group.add_parser("inspect", help="top-activating tokens and logit effects of SAE features")
+    i.add_argument("sae", help="SAE directory (or SAE-Lens release/sae_id)")
+    i.add_argument("--features", required=True, help="comma list of latent indices, e.g. 12,40")
+    _add_model_args(i)
+    i.add_argument("--data", default="harmful_vs_harmless", help="prompts to search for top activations (default: %(default)s)")
+    i.add_argument("--top", type=int, default=8, help="top activations per feature (default: %(default)s)")
+    i.add_argument("--logits", type=int, default=10, help="promoted/suppressed tokens per feature (default: %(default)s)")
+    i.set_defaults(func=run_inspect)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model spec (default: the model the SAE was trained on)")
+    parser.add_argument("--processing", choices=("none", "fold"), help="weight processing (default: the SAE's)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+
+
+def _model_for(args: argparse.Namespace, sae):
+    import mechsafe as ms
+
+    meta = sae.metadata
+    spec = args.model or (meta.get("model") or {}).get("spec")
+    if not spec:
+        raise MechsafeError("this SAE does not record its model; pass --model")
+    processing = args.processing or meta.get("weight_processing") or "none"
+    if processing not in ("none", "fold"):
+        processing = "none"
+    return ms.load_model(spec, processing=processing, device=args.device)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import mechsafe as ms
+    from mechsafe.sae import load_recipe, train_sae
+
+    overrides = {k[len("cfg_"):]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    cfg = load_recipe(args.recipe, **overrides)
+    out = Path(args.out) if args.out else Path(args.runs_dir) / "sae" / Path(args.recipe).stem
+    model = ms.load_model(cfg.model, processing=cfg.processing, device=cfg.device)
+    command = "sae train " + args.recipe + "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items())
+    result = train_sae(model, cfg, out_dir=out, activation_root=args.activation_root, progress=not args.no_progress,
+                       command=command)
+    print((result.path / "report.md").read_text(encoding="utf-8"))
+    print(f"SAE saved to {result.path}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import mechsafe as ms
+    from mechsafe.runs import atomic_write_text, new_run_dir, write_json, write_run_manifest
+    from mechsafe.sae import evaluate_sae, load_sae
+
+    sae = load_sae(args.sae, device=args.device)
+    model = _model_for(args, sae)
+    data = args.data or (sae.metadata.get("training") or {}).get("eval_data") or "harmful_vs_harmless"
+    prompts = ms.data.load(data).split(args.split)
+    if args.max_prompts:
+        prompts = prompts.subset(list(range(min(args.max_prompts, len(prompts)))))
+    metrics = evaluate_sae(model, sae, prompts)
+    run_dir = new_run_dir(args.runs_dir, "sae-eval")
+    write_json(run_dir / "metrics.json", metrics)
+    report = (f"# SAE evaluation: `{args.sae}` at `{sae.hook_name}`\n\nData: {data}, split {args.split}, content tokens.\n\n"
+              + metrics.markdown())
+    atomic_write_text(run_dir / "report.md", report)
+    write_run_manifest(run_dir, command="sae eval", config={"sae": str(args.sae), "data": data, "split": args.split,
+                                                           "max_prompts": args.max_prompts},
+                       seed=None, processing=ms.models.model_info(model).processing)
+    print(report)
+    print(f"written to {run_dir}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import mechsafe as ms
+    from mechsafe.sae import inspect_features, load_sae
+
+    try:
+        features = [int(f) for f in args.features.split(",") if f.strip()]
+    except ValueError:
+        raise MechsafeError(f"--features must be a comma list of integers (got {args.features!r})") from None
+    sae = load_sae(args.sae, device=args.device)
+    model = _model_for(args, sae)
+    prompts = ms.data.load(args.data) if args.data else None
+    for report in inspect_features(model, sae, features, prompts, top_n=args.top, n_logits=args.logits):
+        print(report.markdown())
+    return 0
