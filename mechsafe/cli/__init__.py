@@ -16,6 +16,10 @@ from mechsafe.errors import MechsafeError
 SUBCOMMANDS = (
     "mechsafe.cli.cache",
     "mechsafe.cli.probe_bench",
+    "mechsafe.cli.sae",
+    "mechsafe.cli.evaluate",
+    "mechsafe.cli.refusal_direction",
+    "mechsafe.cli.align",
 )
 """Modules defining subcommands; each has ``register(subparsers)`` that sets ``func``."""
 

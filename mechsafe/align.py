@@ -1,0 +1,322 @@
+"""``mechsafe align``: a safety-tuned test model made by LoRA on refusal data.
+
+SmolLM2-135M-Instruct refuses only a minority of harmful requests, which makes it a poor test bed
+for studies of how safety breaks (drift, WaRP, MFS, refusal directions). :func:`align` fine-tunes
+it with LoRA (:mod:`mechsafe.finetune`) on the bundled TRAIN split:
+
+* every harmful prompt -> a refusal from :func:`mechsafe.data.refusals` (assigned by a seeded
+  permutation, so the targets vary and the run is reproducible);
+* every harmless prompt -> the base model's own greedy answer (``answer_tokens`` tokens, cached in
+  the run dir so a resumed run reuses them); answers that the refusal matcher flags are dropped, so
+  the base model's own over-refusals are not taught.
+
+Both pools mix question-form and instruction-form prompts (``form`` in the bundled data), so the
+model cannot learn "question about harm -> refuse, imperative -> comply". The merged model is saved
+with :func:`mechsafe.save_model` (provenance: base model, configs, run dir) and evaluated against the
+base model on the held-out split (``test`` for the record; ``val`` for tuning): refusal rate on
+harmful prompts, over-refusal on harmless ones (per form too), arithmetic accuracy, NLL of reference
+instruction answers and of the base model's answers to the held-out harmless prompts, and
+KL(base ‖ aligned) on harmless prompts.
+
+Example::
+
+    from mechsafe.align import AlignConfig, align
+    result = align(AlignConfig(), out="runs/aligned/model")
+    print(result.report)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mechsafe.data import SPLITS, _pool, refusals
+from mechsafe.errors import MechsafeError
+from mechsafe.finetune import FinetuneConfig, finetune, response_nll
+from mechsafe.models import DEFAULT_MODEL, load_model, model_info, save_model
+from mechsafe.runs import new_run_dir, read_json, stable_hash, write_json, write_run_manifest, atomic_write_text
+from mechsafe.stats import proportion
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = "runs/aligned/model"
+ANSWERS_FILE = "base_answers.json"
+
+
+def default_finetune_config() -> FinetuneConfig:
+    """The LoRA recipe of ``mechsafe align`` (chosen on the validation split, see ``docs/align.md``)."""
+    return FinetuneConfig(rank=8, alpha=16, targets=("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_O"),
+                          layers="6-29", lr=1e-3, steps=60, batch_size=8, warmup_steps=4, schedule="linear",
+                          max_length=128, checkpoint_every=10, seed=0)
+
+
+@dataclasses.dataclass
+class AlignConfig:
+    """Settings of :func:`align` (the LoRA settings live in ``finetune``)."""
+
+    model: str = DEFAULT_MODEL
+    """Base model spec (loaded with ``processing="none"``)."""
+    finetune: FinetuneConfig = dataclasses.field(default_factory=default_finetune_config)
+    """LoRA and optimization settings."""
+    answer_tokens: int = 24
+    """Longest base-model answer (tokens) used as the target for a harmless training prompt (the opening
+    of an answer carries the comply-or-refuse decision; longer targets mostly add noise and cost)."""
+    harmful_limit: int | None = 112
+    """Use at most this many harmful TRAIN prompts (balanced over forms; None: all 168). Fewer refusal
+    than harmless examples (112 vs 193) lowered over-refusal on the validation split."""
+    harmless_limit: int | None = None
+    """Use at most this many harmless TRAIN prompts (balanced over forms; None: all)."""
+    eval_split: str = "test"
+    """Held-out split the report is computed on: ``test`` for the record, ``val`` while tuning."""
+    eval_limit: int | None = None
+    """Evaluate on at most this many prompts per pool (balanced over forms; None: all)."""
+    eval_max_new_tokens: int = 48
+    """Tokens generated per evaluation response."""
+    utility: bool = True
+    """Also measure arithmetic accuracy and reference-answer NLL (held-out bundled utility data)."""
+    generate_batch_size: int = 16
+    """Prompts per batch when generating."""
+    seed: int = 0
+    """Seed of the refusal assignment and of the prompt subsets."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.finetune, dict):
+            self.finetune = FinetuneConfig(**self.finetune)
+        if self.eval_split not in SPLITS or self.eval_split == "train":
+            raise MechsafeError(f"eval_split={self.eval_split!r} must be 'val' or 'test' (held out from training)")
+        for name in ("answer_tokens", "eval_max_new_tokens", "generate_batch_size"):
+            if getattr(self, name) < 1:
+                raise MechsafeError(f"{name}={getattr(self, name)} must be a positive integer")
+        for name in ("harmful_limit", "harmless_limit", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise MechsafeError(f"{name}={value} must be at least 2 (one prompt per form) or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class AlignResult:
+    """What :func:`align` produced."""
+
+    model_path: Path
+    """The aligned checkpoint (loads with :func:`mechsafe.load_model`)."""
+    run_dir: Path
+    """Run directory: run.json, losses, base answers, evaluation and report."""
+    evaluation: dict[str, Any]
+    """Base and aligned metrics (see ``eval.json``)."""
+    report: str
+    """The markdown report (``report.md``)."""
+    losses: list[float]
+    """Training loss per step."""
+
+
+def pool_prompts(kind: str, split: str, limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """Bundled ``harmful``/``harmless`` prompts of one split as dicts ``id``, ``text``, ``form``.
+
+    With ``limit``, a seeded subset balanced over the two forms (question, instruction).
+    """
+    if kind not in ("harmful", "harmless"):
+        raise MechsafeError(f"unknown prompt pool {kind!r}; use 'harmful' or 'harmless'")
+    pool = _pool(kind)
+    forms = pool.meta["forms"]
+    rows = [{"id": i, "text": t, "form": f} for i, t, f, s in zip(pool.ids, pool.texts, forms, pool.splits) if s == split]
+    if limit is None or limit >= len(rows):
+        return rows
+    rng = np.random.default_rng(seed)
+    by_form: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        by_form.setdefault(r["form"], []).append(r)
+    picked: list[dict[str, str]] = []
+    shares = sorted(by_form)
+    for k, form in enumerate(shares):
+        n = limit // len(shares) + (1 if k < limit % len(shares) else 0)
+        members = by_form[form]
+        picked += [members[i] for i in sorted(rng.permutation(len(members))[:n])]
+    return picked
+
+
+def assign_refusals(n: int, seed: int = 0) -> list[str]:
+    """``n`` refusal targets: the bundled refusals in a seeded order, cycled (each used ~equally)."""
+    texts = refusals()
+    if not texts:
+        raise MechsafeError("the bundled refusal responses are missing; reinstall mechsafe")
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    while len(out) < n:
+        out += [texts[i] for i in rng.permutation(len(texts))]
+    return out[:n]
+
+
+def base_answers(model, prompts: list[dict[str, str]], max_new_tokens: int, run_dir: Path, batch_size: int = 16,
+                 progress: bool = True) -> dict[str, str]:
+    """The model's greedy answers to ``prompts`` by id, cached in ``run_dir/base_answers.json``.
+
+    Greedy decoding is deterministic, so answers cached with a larger token limit are cut to
+    ``max_new_tokens`` tokens instead of being generated again.
+    """
+    from mechsafe.evaluation import generate
+
+    path = run_dir / ANSWERS_FILE
+    key = stable_hash({"model": model_info(model).to_dict()})
+    cached: dict[str, str] = {}
+    cached_limit = max_new_tokens
+    if path.is_file():
+        data = read_json(path)
+        if data.get("key") == key and int(data.get("max_new_tokens", 0)) >= max_new_tokens:
+            cached, cached_limit = dict(data["answers"]), int(data["max_new_tokens"])
+    todo = [p for p in prompts if p["id"] not in cached]
+    if todo:
+        texts = generate(model, [p["text"] for p in todo], max_new_tokens=cached_limit, batch_size=batch_size,
+                         progress=progress)
+        cached.update({p["id"]: t for p, t in zip(todo, texts)})
+        write_json(path, {"key": key, "max_new_tokens": cached_limit, "answers": cached})
+    out = {p["id"]: cached[p["id"]] for p in prompts}
+    if cached_limit > max_new_tokens:
+        tok = model.tokenizer
+        for i, text in out.items():
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_new_tokens:
+                out[i] = tok.decode(ids[:max_new_tokens], skip_special_tokens=True)
+    return out
+
+
+def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool = True) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """The (prompt, response) pairs of the TRAIN split and counts describing the mix."""
+    from mechsafe.evaluation import is_refusal
+
+    harmful = pool_prompts("harmful", "train", config.harmful_limit, config.seed)
+    harmless = pool_prompts("harmless", "train", config.harmless_limit, config.seed)
+    pairs: list[tuple] = [(p["text"], r) for p, r in zip(harmful, assign_refusals(len(harmful), config.seed))]
+    answers = base_answers(model, harmless, config.answer_tokens, run_dir, config.generate_batch_size, progress)
+    kept = [p for p in harmless if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])]
+    tok = model.tokenizer
+    for p in kept:  # an answer that used every allowed token was cut short: do not teach it to end there
+        text = answers[p["id"]].strip()
+        complete = len(tok(text, add_special_tokens=False)["input_ids"]) < config.answer_tokens - 1
+        pairs.append((p["text"], text, complete))
+    mix = {
+        "harmful": {f: sum(p["form"] == f for p in harmful) for f in ("question", "instruction")},
+        "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction")},
+        "harmless_dropped_refused_or_empty": len(harmless) - len(kept),
+        "harmless_cut_short": sum(1 for ex in pairs if len(ex) == 3 and not ex[2]),
+        "n_examples": len(pairs),
+    }
+    return pairs, mix
+
+
+def _by_form(flags: list[bool], forms: list[str], seed: int) -> dict[str, Any]:
+    out = {}
+    for form in sorted(set(forms)):
+        sel = np.array([f == form for f in forms])
+        out[form] = proportion(np.asarray(flags)[sel], seed=seed).to_dict() | {"n": int(sel.sum())}
+    return out
+
+
+def evaluate_pair(base, aligned, config: AlignConfig, progress: bool = True) -> dict[str, Any]:
+    """Base vs aligned metrics on the held-out split (see the module docstring)."""
+    from mechsafe.evaluation import evaluate
+
+    harmful = pool_prompts("harmful", config.eval_split, config.eval_limit, config.seed)
+    harmless = pool_prompts("harmless", config.eval_split, config.eval_limit, config.seed)
+    kw = dict(max_new_tokens=config.eval_max_new_tokens, batch_size=config.generate_batch_size,
+              utility=config.utility, progress=progress, seed=config.seed)
+    out: dict[str, Any] = {"split": config.eval_split}
+    results = {}
+    for name, model, ref in (("aligned", aligned, base), ("base", base, None)):
+        t0 = time.perf_counter()
+        res = evaluate(model, [p["text"] for p in harmful], [p["text"] for p in harmless], reference_model=ref, **kw)
+        results[name] = res
+        flags_h = [s["refused"] for s in res.samples if s["set"] == "harmful"]
+        flags_s = [s["refused"] for s in res.samples if s["set"] == "harmless"]
+        out[name] = res.to_dict(samples=True) | {
+            "refusal_by_form": _by_form(flags_h, [p["form"] for p in harmful], config.seed),
+            "over_refusal_by_form": _by_form(flags_s, [p["form"] for p in harmless], config.seed),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    # NLL of the base model's own answers to the held-out harmless prompts, under both models
+    base_resp = [(s["prompt"], s["response"].strip()) for s in results["base"].samples
+                 if s["set"] == "harmless" and s["response"].strip()]
+    if base_resp:
+        nll_base = response_nll(base, base_resp, batch_size=config.generate_batch_size)
+        nll_aligned = response_nll(aligned, base_resp, batch_size=config.generate_batch_size)
+        diff = (nll_aligned - nll_base).numpy()
+        from mechsafe.stats import bootstrap
+
+        out["harmless_base_answer_nll"] = {
+            "base": float(nll_base.mean()), "aligned": float(nll_aligned.mean()),
+            "change": bootstrap(lambda d: float(np.mean(d)), diff, seed=config.seed).to_dict(), "n": len(base_resp)}
+    return out
+
+
+def _fmt(est: dict[str, float] | None) -> str:
+    if not est:
+        return "n/a"
+    return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
+
+
+def report_markdown(evaluation: dict[str, Any], mix: dict[str, Any], timings: dict[str, float], model_path: Path) -> str:
+    """The markdown report of an align run."""
+    b, a = evaluation["base"], evaluation["aligned"]
+    lines = [f"# mechsafe align — base vs aligned on the {evaluation['split']} split", "",
+             f"Aligned checkpoint: `{model_path}`", "",
+             "| metric | base | aligned |", "|---|---|---|"]
+    for name in ("refusal_rate", "over_refusal", "utility_accuracy", "answer_nll", "kl_harmless"):
+        lines.append(f"| {name} | {_fmt(b.get(name))} | {_fmt(a.get(name))} |")
+    for key, label in (("refusal_by_form", "refusal_rate"), ("over_refusal_by_form", "over_refusal")):
+        for form in sorted(a[key]):
+            lines.append(f"| {label} ({form}, n={a[key][form]['n']}) | {_fmt(b[key][form])} | {_fmt(a[key][form])} |")
+    nll = evaluation.get("harmless_base_answer_nll")
+    if nll:
+        lines.append(f"| NLL of base answers to held-out harmless prompts (n={nll['n']}) | {nll['base']:.3f} | "
+                     f"{nll['aligned']:.3f} (change {_fmt(nll['change'])}) |")
+    lines += ["", f"n harmful = {a['n_harmful']}, n harmless = {a['n_harmless']}; intervals: 95% bootstrap.", "",
+              "Training mix: " + ", ".join(f"{k}={v}" for k, v in mix.items()), "",
+              "Timings (s): " + ", ".join(f"{k}={v:.0f}" for k, v in timings.items()), ""]
+    return "\n".join(lines)
+
+
+def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs_dir: str | Path = "runs",
+          run_dir: str | Path | None = None, resume: bool = True, progress: bool = True) -> AlignResult:
+    """Make the safety-tuned model: train, save to ``out``, evaluate base vs aligned, write the report."""
+    config = config or AlignConfig()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(runs_dir, "align")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+
+    t0 = time.perf_counter()
+    model = load_model(config.model, processing="none")
+    pairs, mix = training_examples(config, model, run_dir, progress)
+    write_json(run_dir / "training_mix.json", mix)
+    timings["base_answers"] = time.perf_counter() - t0
+    logger.info("training on %d pairs: %s", len(pairs), mix)
+
+    t0 = time.perf_counter()
+    result = finetune(model, pairs, config.finetune, run_dir=run_dir / "finetune", resume=resume, progress=progress)
+    timings["finetune"] = time.perf_counter() - t0
+    write_json(run_dir / "losses.json", {"losses": result.losses})
+    save_model(result.model, out, base_model=config.model, align_config=config.to_dict(), run_dir=str(run_dir.resolve()),
+               training_mix=mix, final_loss=result.losses[-1])
+    logger.info("saved the aligned model to %s", out)
+
+    t0 = time.perf_counter()
+    base = load_model(config.model, processing="none")
+    aligned = load_model(str(out), processing="none")
+    evaluation = evaluate_pair(base, aligned, config, progress)
+    timings["evaluate"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    write_json(run_dir / "eval.json", evaluation)
+    report = report_markdown(evaluation, mix, timings, out)
+    atomic_write_text(run_dir / "report.md", report)
+    write_run_manifest(run_dir, command="align", config=config.to_dict(), seed=config.seed, processing="none",
+                       timings={k: round(v, 1) for k, v in timings.items()},
+                       extra={"out": str(out.resolve()), "base_model": config.model, "training_mix": mix})
+    return AlignResult(model_path=out, run_dir=run_dir, evaluation=evaluation, report=report, losses=result.losses)

@@ -1,0 +1,149 @@
+"""Teacher-forced (prompt, response) sequences and the response-only loss.
+
+A sequence is the chat-formatted prompt (:func:`mechsafe.chat.format_prompt`, assistant turn
+opened) followed by the response and :func:`mechsafe.chat.end_of_turn`. Prompt and response are
+tokenized separately and concatenated, so the boundary between them is exact. The loss is the
+negative log-likelihood of the response tokens only (prompt tokens carry the label ``-100`` of
+the usual convention, i.e. they are masked); padding is right padding tracked by lengths, never
+by token id.
+
+For a batch with response masks ``m[b, t]`` (1 where token ``t`` of row ``b`` is a response token)::
+
+    NLL = - sum_{b,t} m[b, t] * log p(x[b, t] | x[b, <t]) / sum_{b,t} m[b, t]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens import HookedTransformer
+
+from mechsafe import chat
+from mechsafe.errors import MechsafeError
+
+IGNORE_INDEX = -100
+"""Label of tokens that do not count in the loss (prompt and padding)."""
+
+
+@dataclasses.dataclass
+class TeacherForced:
+    """One tokenized (prompt, response) pair."""
+
+    ids: list[int]
+    """Prompt tokens followed by response tokens (end of turn included)."""
+    prompt_len: int
+    """Number of prompt tokens: ``ids[prompt_len:]`` is the response."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def check_examples(examples: Sequence[tuple]) -> list[tuple[str, str, bool]]:
+    """Validate examples: ``(prompt, response)`` pairs of non-empty strings, optionally with a third
+    element ``close_turn`` (default True; False for a response cut short, which must not be taught
+    to end the turn). Returns ``(prompt, response, close_turn)`` triples."""
+    if not examples:
+        raise MechsafeError("no (prompt, response) examples to train on; pass a non-empty list")
+    out = []
+    for i, ex in enumerate(examples):
+        ok = isinstance(ex, (tuple, list)) and len(ex) in (2, 3) and all(isinstance(s, str) and s.strip() for s in ex[:2])
+        if not ok or (len(ex) == 3 and not isinstance(ex[2], bool)):
+            raise MechsafeError(f"example {i} is not a (prompt, response[, close_turn]) tuple of non-empty strings; "
+                                "fix the data")
+        out.append((ex[0], ex[1], bool(ex[2]) if len(ex) == 3 else True))
+    return out
+
+
+def encode_examples(tokenizer, examples: Sequence[tuple], max_length: int = 256,
+                    system: str | None = None) -> list[TeacherForced]:
+    """Tokenize (prompt, response[, close_turn]) examples for teacher forcing.
+
+    A pair longer than ``max_length`` keeps its prompt (its user text trimmed from the start when
+    the prompt alone leaves no room, like :func:`mechsafe.chat.encode_prompts`) and loses the end
+    of its response; at least one response token always remains.
+    """
+    examples = check_examples(examples)
+    if max_length < 2:
+        raise MechsafeError(f"max_length={max_length} leaves no room for a response; raise it")
+    eot = chat.end_of_turn(tokenizer)
+    prompts = chat.encode_prompts(tokenizer, [ex[0] for ex in examples], system=system, max_length=max_length - 1)
+    out = []
+    for enc, (_, response, close_turn) in zip(prompts, examples):
+        resp = tokenizer(response + (eot if close_turn else ""), add_special_tokens=False)["input_ids"]
+        resp = list(resp)[: max_length - len(enc.ids)]
+        out.append(TeacherForced(ids=list(enc.ids) + resp, prompt_len=len(enc.ids)))
+    return out
+
+
+def collate(seqs: Sequence[TeacherForced], pad_id: int) -> tuple[Int[torch.Tensor, "batch pos"], Float[torch.Tensor, "batch pos_minus_1"]]:
+    """Right-padded tokens and the mask of positions whose *next* token is a response token.
+
+    ``mask[b, t] = 1`` when ``tokens[b, t + 1]`` is a response token of row ``b`` (so the logits at
+    ``t`` are scored); prompt and padding positions are 0.
+    """
+    tokens, lengths = chat.pad_right([s.ids for s in seqs], pad_id)
+    n_pos = tokens.shape[1]
+    target_pos = torch.arange(1, n_pos)
+    starts = torch.tensor([s.prompt_len for s in seqs])
+    mask = (target_pos[None, :] >= starts[:, None]) & (target_pos[None, :] < lengths[:, None])
+    return tokens, mask.float()
+
+
+def token_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos_minus_1"]:
+    """``-log p(tokens[:, t + 1] | tokens[:, :t + 1])`` for every position ``t``."""
+    logits = model(tokens.to(model.cfg.device), return_type="logits")[:, :-1]
+    target = tokens[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                            reduction="none")
+    return nll.view(target.shape)
+
+
+def masked_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
+               mask: Float[torch.Tensor, "batch pos_minus_1"]) -> Float[torch.Tensor, " batch"]:
+    """Summed NLL of the scored positions of each row (``mask`` from :func:`collate`).
+
+    Equal to ``(token_nll(model, tokens) * mask).sum(1)``, but the unembedding (a ``d_vocab``-wide
+    matrix product) runs only at the scored positions, which saves most of its cost on the prompt.
+    """
+    device = model.cfg.device
+    resid = model(tokens.to(device), stop_at_layer=model.cfg.n_layers)[:, :-1]
+    sel = mask.to(device).bool()
+    picked = resid[sel]
+    logits = model.unembed(model.ln_final(picked[None]))[0]
+    nll = torch.nn.functional.cross_entropy(logits.float(), tokens[:, 1:].to(device)[sel], reduction="none")
+    rows = torch.arange(tokens.shape[0], device=device)[:, None].expand_as(sel)[sel]
+    return torch.zeros(tokens.shape[0], device=device, dtype=nll.dtype).index_add(0, rows, nll)
+
+
+def batch_nll_sum(model: HookedTransformer, seqs: Sequence[TeacherForced], pad_id: int) -> tuple[torch.Tensor, int]:
+    """Summed response NLL of a batch (differentiable) and its number of response tokens."""
+    tokens, mask = collate(seqs, pad_id)
+    return masked_nll(model, tokens, mask).sum(), int(mask.sum().item())
+
+
+@torch.no_grad()
+def response_nll(model: HookedTransformer, examples: Sequence[tuple], batch_size: int = 8,
+                 max_length: int = 256, system: str | None = None) -> Float[torch.Tensor, " n_examples"]:
+    """Mean NLL per response token of each (prompt, response) pair (prompt tokens masked).
+
+    The training loss of :func:`mechsafe.finetune.finetune` is the token-weighted mean of these.
+    """
+    if batch_size < 1:
+        raise MechsafeError(f"batch_size={batch_size} must be a positive integer")
+    seqs = encode_examples(model.tokenizer, examples, max_length=max_length, system=system)
+    pad = chat.pad_id(model.tokenizer)
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    try:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            tokens, mask = collate([seqs[i] for i in idx], pad)
+            out[idx] = masked_nll(model, tokens, mask).cpu() / mask.sum(1)
+    finally:
+        model.train(was_training)
+    return out

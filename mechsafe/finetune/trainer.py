@@ -1,0 +1,240 @@
+"""The LoRA training loop: response-only loss, resumable checkpoints, callbacks, merge.
+
+Example order is a fixed function of the seed and the step (one seeded permutation per epoch,
+consumed in order), so a run interrupted after a checkpoint and resumed from it reproduces the
+uninterrupted run exactly: the checkpoint holds the LoRA factors, the AdamW state, the step, the
+losses so far and the RNG state.
+
+Run-directory layout (when ``run_dir`` is given)::
+
+    run_dir/run.json                       config, versions, seed, weight processing, timings
+    run_dir/losses.json                    loss per optimizer step
+    run_dir/checkpoints/step-000050/       adapter.safetensors, optimizer.pt, rng.pt, state.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from mechsafe import chat
+from mechsafe.errors import MechsafeError
+from mechsafe.finetune.config import FinetuneConfig
+from mechsafe.finetune.lora import attach_lora, load_lora_state, lora_state, merge_lora, remove_lora
+from mechsafe.finetune.sequences import TeacherForced, batch_nll_sum, check_examples, encode_examples
+from mechsafe.models import model_info
+from mechsafe.runs import atomic_dir, read_json, stable_hash, write_json, write_run_manifest
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_KEEP_CHECKPOINTS = 2
+_RESUME_IRRELEVANT = ("checkpoint_every", "callback_every", "merge")
+
+Callback = Callable[[int, HookedTransformer], Any]
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns."""
+
+    model: HookedTransformer
+    """The fine-tuned model (the same object that was passed in): merged, or still carrying the adapters."""
+    losses: list[float]
+    """Training loss (mean response NLL per token) of every optimizer step, resumed steps included."""
+    config: FinetuneConfig
+    """The configuration used."""
+    steps: int
+    """Optimizer steps taken in total."""
+    merged: bool
+    """Whether the adapters were merged into the weights."""
+    resumed_from: int
+    """The checkpoint step this call resumed from (0: a fresh start)."""
+    seconds: float
+    """Wall time of this call."""
+    run_dir: Path | None = None
+    """Where checkpoints and losses were written, if anywhere."""
+    lora: Any = None
+    """PEFT's ``LoraModel`` while the adapters are not merged (``None`` after merging)."""
+
+    def merge(self) -> HookedTransformer:
+        """Merge the adapters now (when ``config.merge`` was False) and return the plain model."""
+        if not self.merged:
+            self.model = merge_lora(self.lora)
+            self.lora, self.merged = None, True
+        return self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"losses": self.losses, "config": self.config.to_dict(), "steps": self.steps, "merged": self.merged,
+                "resumed_from": self.resumed_from, "seconds": round(self.seconds, 3),
+                "run_dir": str(self.run_dir) if self.run_dir else None}
+
+
+def _fingerprint(config: FinetuneConfig, examples: Sequence[tuple], system: str | None) -> str:
+    relevant = {k: v for k, v in config.to_dict().items() if k not in _RESUME_IRRELEVANT}
+    return stable_hash({"config": relevant, "examples": [list(e) for e in examples], "system": system}, 20)
+
+
+def example_order(step: int, config: FinetuneConfig, n: int) -> list[list[int]]:
+    """Example indices of each micro-batch of optimizer step ``step`` (0-based).
+
+    The examples form an endless stream of seeded permutations (one per epoch); step ``s`` takes
+    the next ``grad_accum * batch_size`` of them.
+    """
+    per_step = config.batch_size * config.grad_accum
+    start = step * per_step
+    flat: list[int] = []
+    epoch = start // n
+    offset = start - epoch * n
+    while len(flat) < per_step:
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=gen).tolist()
+        flat += perm[offset:]
+        offset, epoch = 0, epoch + 1
+    flat = flat[:per_step]
+    return [flat[i:i + config.batch_size] for i in range(0, per_step, config.batch_size)]
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
+
+
+def _save_checkpoint(run_dir: Path, step: int, total: int, losses: list[float], fingerprint: str,
+                     model: HookedTransformer, optimizer: torch.optim.Optimizer) -> Path:
+    from safetensors.torch import save_file
+
+    final = run_dir / CHECKPOINTS / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:
+        save_file({k: v.contiguous() for k, v in lora_state(model).items()}, str(tmp / "adapter.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        write_json(tmp / "state.json", {"step": step, "total_steps": total, "losses": losses, "fingerprint": fingerprint})
+    for old in _checkpoint_dirs(run_dir)[:-_KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    write_json(run_dir / "losses.json", {"step": step, "losses": losses})
+    return final
+
+
+def _load_checkpoint(ckpt: Path, fingerprint: str, model: HookedTransformer,
+                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    state = read_json(ckpt / "state.json")
+    if state.get("fingerprint") != fingerprint:
+        raise MechsafeError(f"{ckpt} was written with another config or other examples; "
+                            "use a new run dir or pass resume=False (--no-resume) to start over")
+    load_lora_state(model, load_file(str(ckpt / "adapter.safetensors")))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
+    return int(state["step"]), [float(x) for x in state["losses"]]
+
+
+def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[int]], pad: int) -> float:
+    """Forward/backward of one optimizer step; gradients of the token-weighted mean response NLL."""
+    n_tokens = sum(len(seqs[i]) - seqs[i].prompt_len for mb in micro for i in mb)
+    total = 0.0
+    for mb in micro:
+        nll_sum, _ = batch_nll_sum(model, [seqs[i] for i in mb], pad)
+        (nll_sum / n_tokens).backward()
+        total += float(nll_sum.detach())
+    return total / n_tokens
+
+
+def finetune(model: HookedTransformer, examples: Sequence[tuple], config: FinetuneConfig | None = None,
+             run_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
+             callback: Callback | None = None, system: str | None = None) -> FinetuneResult:
+    """LoRA fine-tune ``model`` (in place) on (prompt, response) pairs; loss on response tokens only.
+
+    Args:
+        model: a ``HookedTransformer`` with a tokenizer (load weight-space models with ``processing="none"``).
+        examples: (prompt, response) pairs; prompts are chat-formatted, responses end with the end-of-turn
+            token (a third element ``False`` leaves it off, for responses cut short).
+        config: LoRA and optimization settings (defaults: :class:`FinetuneConfig`).
+        run_dir: folder for checkpoints, losses and ``run.json``; ``None`` keeps everything in memory.
+        resume: continue from the latest checkpoint in ``run_dir`` (which must come from the same config and data).
+        progress: show a tqdm progress bar.
+        callback: ``callback(step, model)`` after every ``config.callback_every`` steps, before the first
+            step of a fresh run (step 0) and after the last; the model still carries its adapters, read
+            adapted weights with :func:`mechsafe.finetune.adapted_weight`. An exception (from the
+            callback or an interrupt) removes the adapters again; resume from the last checkpoint.
+        system: optional system prompt of the chat template.
+    """
+    config = config or FinetuneConfig()
+    examples = check_examples(examples)
+    if model.tokenizer is None:
+        raise MechsafeError("the model has no tokenizer; load it with mechsafe.load_model")
+    t0 = time.perf_counter()
+    seqs = encode_examples(model.tokenizer, examples, max_length=config.max_length, system=system)
+    if max(len(s) for s in seqs) > model.cfg.n_ctx:
+        raise MechsafeError(f"a sequence is longer than the model's context ({model.cfg.n_ctx}); lower max_length")
+    total = config.total_steps(len(seqs))
+    fingerprint = _fingerprint(config, examples, system)
+    run_dir = Path(run_dir) if run_dir is not None else None
+
+    tuner = attach_lora(model, config)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    step, losses = 0, []
+    if run_dir is not None and resume and _checkpoint_dirs(run_dir):
+        step, losses = _load_checkpoint(_checkpoint_dirs(run_dir)[-1], fingerprint, model, optimizer)
+        logger.info("resumed from step %d of %d in %s", step, total, run_dir)
+        if step > total:
+            raise MechsafeError(f"{run_dir} holds a checkpoint past the last step ({step} > {total}); use a new run dir")
+    resumed_from = step
+    pad = chat.pad_id(model.tokenizer)
+    was_training = model.training
+    model.train()
+    if callback is not None and step == 0:
+        callback(0, model)
+    bar = tqdm(total=total, initial=step, desc="lora", unit="step", disable=not progress)
+    try:
+        while step < total:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step, total)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _step(model, seqs, example_order(step, config, len(seqs)), pad)
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            step += 1
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if run_dir is not None and (step == total or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+                _save_checkpoint(run_dir, step, total, losses, fingerprint, model, optimizer)
+            if callback is not None and (step % config.callback_every == 0 or step == total):
+                callback(step, model)
+    except BaseException:
+        bar.close()
+        model.train(was_training)
+        remove_lora(tuner)  # leave the model as it came in; the checkpoints keep the progress
+        raise
+    bar.close()
+    optimizer.zero_grad(set_to_none=True)
+    model.train(was_training)
+    merged = config.merge
+    if merged:
+        merge_lora(tuner)
+        tuner = None
+    seconds = time.perf_counter() - t0
+    result = FinetuneResult(model=model, losses=losses, config=config, steps=step, merged=merged,
+                            resumed_from=resumed_from, seconds=seconds, run_dir=run_dir, lora=tuner)
+    if run_dir is not None:
+        write_json(run_dir / "losses.json", {"step": step, "losses": losses})
+        write_run_manifest(run_dir, command="finetune", config=config.to_dict(), seed=config.seed,
+                           processing=model_info(model).processing, timings={"finetune": round(seconds, 3)},
+                           extra={"model": model_info(model).to_dict(), "n_examples": len(examples),
+                                  "fingerprint": fingerprint, "resumed_from": resumed_from, "steps": step,
+                                  "final_loss": losses[-1] if losses else None})
+    return result

@@ -1,0 +1,108 @@
+"""The align recipe on tiny models: data mix, refusal assignment, answer cache, end-to-end run and CLI."""
+
+import json
+
+import pytest
+import torch
+
+import mechsafe as ms
+from mechsafe import align as al
+from mechsafe.cli import main
+from mechsafe.data import refusals
+from mechsafe.errors import MechsafeError
+from mechsafe.finetune import FinetuneConfig
+from mechsafe.models import model_info
+
+
+def test_pool_prompts_mix_forms_and_respect_splits():
+    train = al.pool_prompts("harmful", "train")
+    test = al.pool_prompts("harmful", "test")
+    assert {p["form"] for p in train} == {"question", "instruction"}
+    assert not {p["id"] for p in train} & {p["id"] for p in test}
+    sub = al.pool_prompts("harmless", "val", limit=10, seed=3)
+    assert len(sub) == 10 and sum(p["form"] == "question" for p in sub) == 5
+    assert sub == al.pool_prompts("harmless", "val", limit=10, seed=3)
+    with pytest.raises(MechsafeError, match="pool"):
+        al.pool_prompts("neutral", "train")
+
+
+def test_refusals_are_varied_deterministic_and_cycled():
+    n = len(refusals())
+    out = al.assign_refusals(2 * n + 3, seed=1)
+    assert out == al.assign_refusals(2 * n + 3, seed=1)
+    assert out != al.assign_refusals(2 * n + 3, seed=2)
+    assert set(out[:n]) == set(refusals())  # one full pass before any repeat
+    assert all(out.count(r) >= 2 for r in refusals())
+
+
+def test_training_examples_cache_base_answers(tiny_model, tmp_path, monkeypatch):
+    cfg = al.AlignConfig(harmful_limit=4, harmless_limit=4, answer_tokens=4)
+    pairs, mix = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
+    assert mix["harmful"] == {"question": 2, "instruction": 2}
+    assert len(pairs) == 4 + sum(mix["harmless"].values())
+    assert all(r in refusals() for _, r in pairs[:4])
+    cached = json.loads((tmp_path / al.ANSWERS_FILE).read_text())["answers"]
+    assert len(cached) == 4
+    import mechsafe.evaluation as ev
+
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("answers should come from the cache"))
+    again, _ = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
+    assert again == pairs
+    # a shorter token limit cuts the cached greedy answers instead of generating again
+    prompts = al.pool_prompts("harmless", "train", 4, 0)
+    short = al.base_answers(tiny_model, prompts, 2, tmp_path, progress=False)
+    for p in prompts:
+        full_ids = tiny_model.tokenizer(cached[p["id"]], add_special_tokens=False)["input_ids"]
+        assert short[p["id"]] == tiny_model.tokenizer.decode(full_ids[:2], skip_special_tokens=True)
+
+
+def test_config_validation():
+    with pytest.raises(MechsafeError, match="eval_split"):
+        al.AlignConfig(eval_split="train")
+    with pytest.raises(MechsafeError, match="eval_limit"):
+        al.AlignConfig(eval_limit=1)
+    assert isinstance(al.AlignConfig(finetune={"steps": 3}).finetune, FinetuneConfig)
+
+
+@pytest.fixture
+def hf_dir(tmp_path, tokenizer, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    path = tmp_path / "tiny-hf"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):
+    ft = FinetuneConfig(steps=3, batch_size=4, lr=1e-2, checkpoint_every=2, max_length=400)
+    cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
+                         eval_split="val", eval_limit=4, eval_max_new_tokens=4, utility=False)
+    out = tmp_path / "aligned"
+    result = al.align(cfg, out=out, run_dir=tmp_path / "run", progress=False)
+    model = ms.load_model(str(out))
+    extra = model_info(model).extra
+    assert extra["base_model"] == str(hf_dir) and extra["run_dir"] == str((tmp_path / "run").resolve())
+    assert extra["align_config"]["finetune"]["steps"] == 3
+    for name in ("run.json", "eval.json", "report.md", "losses.json", "training_mix.json", al.ANSWERS_FILE):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert len(result.losses) == 3
+    ev = result.evaluation
+    assert ev["split"] == "val" and ev["aligned"]["n_harmful"] == 4 and ev["base"]["n_harmless"] == 4
+    assert 0 <= ev["aligned"]["refusal_rate"]["value"] <= 1 and ev["aligned"]["kl_harmless"] is not None
+    assert set(ev["aligned"]["refusal_by_form"]) == {"question", "instruction"}
+    assert "| refusal_rate |" in result.report
+    # the fine-tuned weights differ from the base model's
+    base = ms.load_model(str(hf_dir))
+    assert not torch.equal(base.blocks[0].mlp.W_in, model.blocks[0].mlp.W_in)
+
+
+def test_cli_rejects_bad_lora_overrides(capsys):
+    assert main(["align", "--lora", '{"stepz": 3}']) == 2
+    assert "unknown fields" in capsys.readouterr().err
+    assert main(["align", "--lora", "not json"]) == 2

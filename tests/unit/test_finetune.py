@@ -1,0 +1,236 @@
+"""LoRA fine-tuning on the tiny model: identity at init, response-only loss, resume, merge, attention, save/load."""
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+
+import mechsafe as ms
+from mechsafe import chat
+from mechsafe.errors import MechsafeError
+from mechsafe.finetune import (FinetuneConfig, adapted_weight, attach_lora, encode_examples, example_order, finetune,
+                               has_lora, merge_lora, response_nll)
+from mechsafe.finetune.sequences import batch_nll_sum, collate
+from mechsafe.models import model_info
+
+from conftest import make_tiny_model
+
+ALL = ("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O")
+EXAMPLES = [("hello there", "hi!"), ("what is 2+2?", "4"), ("say cat twice", "cat cat"), ("bye now", "goodbye"),
+            ("name a colour", "blue"), ("count to three", "1 2 3")]
+TOKENS = torch.tensor([[1, 20, 31, 44, 52, 63, 70, 2], [1, 33, 34, 35, 36, 37, 38, 39]])
+
+
+def _randomize_b(model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def test_lora_at_init_changes_nothing_and_only_lora_trains(tiny_model):
+    with torch.no_grad():
+        before = tiny_model(TOKENS)
+    tuner = attach_lora(tiny_model, FinetuneConfig(targets=ALL))
+    trainable = [n for n, p in tiny_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(float(p.abs().max()) == 0 for n, p in tiny_model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(TOKENS), before)
+    merge_lora(tuner)
+
+
+def test_response_loss_is_the_masked_nll_of_response_tokens(tiny_model):
+    tok = tiny_model.tokenizer
+    seqs = encode_examples(tok, EXAMPLES[:3])
+    for seq, (prompt, response) in zip(seqs, EXAMPLES[:3]):
+        prompt_ids = tok(chat.format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        resp_ids = tok(response + chat.end_of_turn(tok), add_special_tokens=False)["input_ids"]
+        assert seq.ids == prompt_ids + resp_ids and seq.prompt_len == len(prompt_ids)
+    tokens, mask = collate(seqs, chat.pad_id(tok))
+    # labels with the -100 convention: prompt and padding ignored
+    labels = torch.full_like(tokens, -100)
+    for i, s in enumerate(seqs):
+        labels[i, s.prompt_len:len(s)] = torch.tensor(s.ids[s.prompt_len:])
+    with torch.no_grad():
+        logits = tiny_model(tokens)
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        got, n = batch_nll_sum(tiny_model, seqs, chat.pad_id(tok))
+    assert n == sum(len(s) - s.prompt_len for s in seqs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # the padding id never matters: padding with another id gives the same loss
+    with torch.no_grad():
+        other, _ = batch_nll_sum(tiny_model, seqs, pad_id=7)
+    torch.testing.assert_close(other, got)
+    # per-example mean NLL agrees with the same masked sum
+    per = response_nll(tiny_model, EXAMPLES[:3])
+    lens = torch.tensor([len(s) - s.prompt_len for s in seqs], dtype=torch.float)
+    torch.testing.assert_close((per * lens).sum(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_prompt_tokens_are_not_scored(tiny_model):
+    """Changing the prompt changes the conditioning only: with a model that ignores context the loss is unchanged."""
+    seqs = encode_examples(tiny_model.tokenizer, [("aaaa", "xyz"), ("bbbbbbbb", "xyz")])
+    tokens, mask = collate(seqs, 0)
+    assert mask[0].sum() == mask[1].sum() == len(seqs[0]) - seqs[0].prompt_len
+    assert mask[0, :seqs[0].prompt_len - 1].sum() == 0  # nothing before the first response token is scored
+
+
+def test_training_lowers_the_response_loss(tiny_model):
+    before = response_nll(tiny_model, EXAMPLES).mean()
+    result = finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=12, batch_size=3, lr=1e-2), progress=False)
+    after = response_nll(tiny_model, EXAMPLES).mean()
+    assert after < before - 0.3
+    assert result.merged and not has_lora(tiny_model) and len(result.losses) == 12
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    cfg = FinetuneConfig(steps=6, batch_size=4, lr=5e-3, checkpoint_every=2, targets=ALL)
+    straight = make_tiny_model()
+    r1 = finetune(straight, EXAMPLES, cfg, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step, model):
+        if step == 3:
+            raise Crash
+
+    interrupted = make_tiny_model()
+    with pytest.raises(Crash):
+        finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, progress=False, callback=crash_at_3)
+    assert not has_lora(interrupted)  # a failed run leaves the model as it came
+    r2 = finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, progress=False)
+    assert r2.resumed_from == 2 and r2.losses == r1.losses
+    for (name, a), b in zip(straight.state_dict().items(), interrupted.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "run.json").is_file() and (tmp_path / "losses.json").is_file()
+    # another config cannot resume from these checkpoints
+    with pytest.raises(MechsafeError, match="another config"):
+        finetune(make_tiny_model(), EXAMPLES, FinetuneConfig(steps=6, batch_size=4, lr=1e-3), run_dir=tmp_path,
+                 progress=False)
+
+
+def test_merge_equals_adapted_outputs_and_leaves_a_plain_model(tiny_model):
+    names = [n for n, _ in tiny_model.named_parameters()]
+    tuner = attach_lora(tiny_model, FinetuneConfig(targets=ALL, layers="0,2"))
+    _randomize_b(tiny_model)
+    with torch.no_grad():
+        adapted = tiny_model(TOKENS)
+        w_in = adapted_weight(tiny_model, "mlp.W_in", 0)
+        w_q = adapted_weight(tiny_model, "attn.W_Q", 2)
+    model = merge_lora(tuner)
+    assert model is tiny_model and isinstance(model, HookedTransformer) and not has_lora(model)
+    assert [n for n, _ in model.named_parameters()] == names
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.blocks[0].mlp.W_in, w_in)
+    torch.testing.assert_close(model.blocks[2].attn.W_Q, w_q)
+
+
+def test_attention_targets_work_with_keyword_calls_and_hooks(tiny_model):
+    with torch.no_grad():
+        base = tiny_model(TOKENS)
+    tuner = attach_lora(tiny_model, FinetuneConfig(targets=("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O")))
+    assert "AttentionLora" in type(tiny_model.blocks[1].attn).__name__
+    assert tiny_model.blocks[1].mlp.__class__.__name__ != "ParamWrapper"  # MLP untouched
+    _randomize_b(tiny_model)
+    seen = []
+    name = ms.hooks.hook_name(tiny_model, "attn_out", 1)
+    logits = tiny_model.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda act, hook: seen.append(act.shape))])
+    assert seen and not torch.allclose(logits, base)
+    logits.sum().backward()
+    grads = {n: p.grad for n, p in tiny_model.named_parameters() if "lora_A" in n}
+    assert set(grads) == {f"blocks.{i}.attn.lora_A.default.{w}" for i in range(3) for w in ("W_Q", "_W_K", "_W_V", "W_O")}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    # a delta of W_K lands on the grouped _W_K, in TransformerLens shape
+    assert adapted_weight(tiny_model, "attn.W_K", 0).shape == tiny_model.blocks[0].attn.base_layer._W_K.shape
+    merge_lora(tuner)
+
+
+def test_callback_sees_adapted_weights_during_training(tiny_model):
+    snaps = {}
+    cfg = FinetuneConfig(steps=4, batch_size=3, lr=1e-2, callback_every=2, targets=("mlp.W_out",))
+    finetune(tiny_model, EXAMPLES, cfg, progress=False,
+             callback=lambda step, m: snaps.__setitem__(step, adapted_weight(m, "mlp.W_out", 1)))
+    assert sorted(snaps) == [0, 2, 4]
+    assert not torch.equal(snaps[0], snaps[4])
+    torch.testing.assert_close(snaps[4], tiny_model.blocks[1].mlp.W_out)
+
+
+def test_unmerged_result_keeps_adapters_until_merged(tiny_model):
+    result = finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=2, batch_size=3, lr=1e-2, merge=False), progress=False)
+    assert not result.merged and has_lora(tiny_model)
+    with torch.no_grad():
+        adapted = tiny_model(TOKENS)
+    model = result.merge()
+    assert not has_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_example_order_is_a_seeded_permutation_per_epoch():
+    cfg = FinetuneConfig(batch_size=2, grad_accum=2)
+    first_epoch = [i for s in range(3) for mb in example_order(s, cfg, 12) for i in mb]
+    assert sorted(first_epoch) == list(range(12))
+    assert example_order(1, cfg, 12) == example_order(1, FinetuneConfig(batch_size=2, grad_accum=2), 12)
+    assert example_order(0, cfg, 12) != example_order(0, FinetuneConfig(batch_size=2, grad_accum=2, seed=1), 12)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(targets=("mlp.W_up",)), "unknown LoRA targets"),
+    (dict(rank=0), "rank"),
+    (dict(dropout=0.1), "dropout"),
+    (dict(steps=3, epochs=1.0), "either steps or epochs"),
+    (dict(schedule="cosine"), "schedule"),
+    (dict(lr=-1.0), "lr"),
+])
+def test_config_validation(kwargs, needle):
+    with pytest.raises(MechsafeError, match=needle):
+        FinetuneConfig(**kwargs)
+
+
+def test_bad_examples_and_layers(tiny_model):
+    with pytest.raises(MechsafeError, match="non-empty"):
+        finetune(tiny_model, [], progress=False)
+    with pytest.raises(MechsafeError, match="prompt, response"):
+        finetune(tiny_model, [("only a prompt",)], progress=False)
+    with pytest.raises(MechsafeError):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(layers="7"), progress=False)
+    assert not has_lora(tiny_model)
+
+
+def test_truncated_responses_do_not_close_the_turn(tiny_model):
+    tok = tiny_model.tokenizer
+    closed, cut = encode_examples(tok, [("hi", "abc"), ("hi", "abc", False)])
+    assert closed.ids[:-1] == cut.ids and closed.ids[-1] == tok.eos_token_id
+    long = encode_examples(tok, [("hi", "x" * 500)], max_length=64)[0]
+    assert len(long) == 64 and long.prompt_len < 64
+
+
+@pytest.fixture
+def hf_dir(tmp_path, tokenizer, monkeypatch):
+    """A tiny random Llama saved as a local Hugging Face model directory (offline)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    path = tmp_path / "tiny-hf"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_finetuned_model_saves_and_loads_with_identical_logits(hf_dir, tmp_path):
+    model = ms.load_model(str(hf_dir), processing="none")
+    finetune(model, EXAMPLES, FinetuneConfig(steps=3, batch_size=3, lr=1e-2, targets=ALL), progress=False)
+    out = ms.save_model(model, tmp_path / "tuned", base_model=str(hf_dir), note="lora")
+    back = ms.load_model(str(out))
+    with torch.no_grad():
+        assert torch.equal(back(TOKENS), model(TOKENS))
+    assert model_info(back).extra["note"] == "lora" and model_info(back).extra["base_model"] == str(hf_dir)
