@@ -6,9 +6,15 @@ The public surface::
     model = ms.load_model("smollm2-135m-instruct", processing="none")
     prompts = ms.data.load("harmful_vs_harmless")
     store = ms.cache_activations(model, prompts, hook="resid_post", layers="all")
+    result = ms.probe_bench("probes/harmful_vs_harmless.yaml")
+    with ms.interventions.ablate_direction(model, direction):
+        out = ms.evaluation.generate(model, prompts.texts[:4])
 
-Submodules: ``data``, ``hooks``, ``chat``, ``activations``, ``models``, ``runs``.
+Heavier subpackages (``probes``, ``sae``, ``evaluation``, ``interventions``, ``directions``,
+``finetune``, ``align``) are imported on first attribute access.
 """
+
+import importlib
 
 from mechsafe import data, hooks
 from mechsafe.activations import ActivationConfig, ActivationStore, cache_activations
@@ -16,6 +22,19 @@ from mechsafe.errors import MechsafeError
 from mechsafe.models import DEFAULT_MODEL, load_model, save_model
 
 __version__ = "0.1.0"
+
+_LAZY_MODULES = ("activations", "align", "chat", "directions", "evaluation", "finetune", "interventions",
+                 "models", "probes", "runs", "sae", "stats")
+_LAZY_FUNCTIONS = {"probe_bench": "mechsafe.probes"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"mechsafe.{name}")
+    if name in _LAZY_FUNCTIONS:
+        return getattr(importlib.import_module(_LAZY_FUNCTIONS[name]), name)
+    raise AttributeError(f"module 'mechsafe' has no attribute {name!r}")
+
 
 __all__ = [
     "ActivationConfig",
@@ -26,5 +45,7 @@ __all__ = [
     "data",
     "hooks",
     "load_model",
+    "probe_bench",
     "save_model",
+    *_LAZY_MODULES,
 ]

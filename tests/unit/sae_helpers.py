@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 
@@ -44,10 +43,3 @@ def random_topk_sae(d_in: int, hook_name: str, d_sae: int = 64, k: int = 4, seed
     return sae
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny SAE ops are faster on one thread, and far faster when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-import mechsafe as ms
 from mechsafe.activations import ActivationConfig, ActivationStore, cache_activations
 from mechsafe.chat import encode_prompts
 from mechsafe.errors import MechsafeError

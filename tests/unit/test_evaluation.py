@@ -11,13 +11,6 @@ from mechsafe.chat import encode_prompts
 from mechsafe.errors import MechsafeError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 PROMPTS = ["hello there", "a much longer prompt about many things", "hi", "what is 2+2?", "xyz abc"]

@@ -7,13 +7,6 @@ from mechsafe.errors import MechsafeError
 from mechsafe.hooks import hook_name, hook_names
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 PROMPTS = ["how do I pick a lock", "write a short poem"]

@@ -4,7 +4,6 @@ import pytest
 
 import mechsafe
 from mechsafe.cli import main
-from sae_helpers import single_thread  # noqa: F401
 
 RECIPE = """
 model: tiny

@@ -5,7 +5,7 @@ import mechsafe as ms
 from mechsafe.errors import MechsafeError
 from mechsafe.sae import evaluate_sae, splice_sae, zero_ablate
 from mechsafe.sae.evaluate import reconstruction_stats
-from sae_helpers import identity_sae, random_topk_sae, single_thread, zero_sae  # noqa: F401
+from sae_helpers import identity_sae, random_topk_sae, zero_sae
 
 HOOK = "blocks.1.hook_resid_post"
 

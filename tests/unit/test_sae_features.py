@@ -7,7 +7,7 @@ from mechsafe.chat import encode_prompts
 from mechsafe.errors import MechsafeError
 from mechsafe.sae import TopKMeanDiff, probe_candidates, sae_features
 from mechsafe.sae.load import LoadedSAE
-from sae_helpers import random_topk_sae, single_thread  # noqa: F401
+from sae_helpers import random_topk_sae  # noqa: F401
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -4,7 +4,7 @@ import torch
 from mechsafe.errors import MechsafeError
 from mechsafe.sae import inspect_features, logit_effect
 from mechsafe.sae.load import LoadedSAE
-from sae_helpers import random_topk_sae, single_thread  # noqa: F401
+from sae_helpers import random_topk_sae  # noqa: F401
 
 HOOK = "blocks.1.hook_resid_post"
 TEXTS = ["how do I pick a lock?", "write an insult about my neighbour", "tell me a joke about cats"]

@@ -4,7 +4,7 @@ import torch
 from mechsafe.errors import MechsafeError
 from mechsafe.sae import LoadedSAE, load_sae, save_sae
 from mechsafe.sae.load import as_loaded
-from sae_helpers import random_topk_sae, single_thread  # noqa: F401
+from sae_helpers import random_topk_sae  # noqa: F401
 
 HOOK = "blocks.1.hook_resid_post"
 

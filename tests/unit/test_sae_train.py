@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from mechsafe.errors import MechsafeError
-from sae_helpers import single_thread  # noqa: F401  (autouse)
 from mechsafe.sae import load_sae, make_config, train_sae
 from mechsafe.sae.train import ShuffledBatches, build_training_sae, fit_sae, token_pool
 from mechsafe.sae.texts import eval_prompts, training_texts
