@@ -73,3 +73,15 @@ def smollm():
     import mechsafe
 
     return mechsafe.load_model("smollm2-135m-instruct", processing="none")
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_unit_tests(request):
+    """Tiny models run fastest on one torch thread (above all on a shared CPU); the real model keeps all cores."""
+    if "unit" not in request.path.parts:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
