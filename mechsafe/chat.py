@@ -101,7 +101,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[torch.Ten
 
 def pad_id(tokenizer) -> int:
     """The id used for padding (its value never matters: padding is tracked by lengths)."""
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
     return 0
