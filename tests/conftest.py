@@ -85,3 +85,31 @@ def one_thread_for_unit_tests(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def save_tiny_hf_llama(path, n_layers: int = 2, max_positions: int = 1024):
+    """Save a tiny random Llama (with non-trivial norm gains) as a local Hugging Face model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norm gains, so folding them visibly changes weights
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def hf_dir(tmp_path, monkeypatch):
+    """A tiny random Llama as a local HF model directory, with mechsafe's cache isolated in tmp_path."""
+    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-hf"
+    save_tiny_hf_llama(path)
+    return path

@@ -64,19 +64,6 @@ def test_config_validation():
     assert isinstance(al.AlignConfig(finetune={"steps": 3}).finetune, FinetuneConfig)
 
 
-@pytest.fixture
-def hf_dir(tmp_path, tokenizer, monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False)
-    path = tmp_path / "tiny-hf"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):

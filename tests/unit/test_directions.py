@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_hf_llama
 from mechsafe import directions as dr
 from mechsafe.chat import encode_prompts
 from mechsafe.cli import main
@@ -102,18 +103,11 @@ def test_bad_configs(model5):
 
 
 @pytest.fixture
-def hf_dir(tmp_path, tokenizer, monkeypatch):
-    """A tiny random Llama saved as a local Hugging Face model directory (for the CLI)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def hf_dir(tmp_path, monkeypatch):
+    """A 5-layer tiny random Llama as a local Hugging Face model directory (for the CLI)."""
     monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=5,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    path = tmp_path / "tiny-hf"
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    save_tiny_hf_llama(tmp_path / "tiny-hf", n_layers=5)
+    return tmp_path / "tiny-hf"
 
 
 def test_cli_refusal_direction_and_eval_write_run_dirs(hf_dir, tmp_path, capsys):

@@ -210,20 +210,6 @@ def test_truncated_responses_do_not_close_the_turn(tiny_model):
     assert len(long) == 64 and long.prompt_len < 64
 
 
-@pytest.fixture
-def hf_dir(tmp_path, tokenizer, monkeypatch):
-    """A tiny random Llama saved as a local Hugging Face model directory (offline)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    path = tmp_path / "tiny-hf"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_finetuned_model_saves_and_loads_with_identical_logits(hf_dir, tmp_path):

@@ -1,6 +1,7 @@
 
 import pytest
 import torch
+from conftest import save_tiny_hf_llama
 
 import mechsafe as ms
 from mechsafe.errors import MechsafeError
@@ -8,23 +9,10 @@ from mechsafe.models import CHECKPOINT_MANIFEST, model_info
 
 
 @pytest.fixture
-def hf_dir(tmp_path, tokenizer):
-    """A tiny random Llama saved as a local Hugging Face model directory (offline)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norm gains, so folding them visibly changes weights
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
+def hf_dir(tmp_path):
+    """A tiny random Llama saved as a local Hugging Face model directory, and the HF model itself."""
     path = tmp_path / "tiny-hf"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path, model
+    return path, save_tiny_hf_llama(path, max_positions=128)
 
 
 @pytest.fixture(autouse=True)
