@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--positions", type=int, help="post-instruction positions scored (default: all)")
     p.add_argument("--layers", default="all", help="candidate layers (default: %(default)s)")
     p.add_argument("--layer-step", type=int, default=2, help="score every k-th layer (default: %(default)s)")
+    p.add_argument("--keep-sink", action="store_true",
+                   help="use the raw difference in means (do not project off the first position's residual writes)")
     p.add_argument("--no-utility", action="store_true", help="skip arithmetic accuracy and answer NLL")
     p.add_argument("--no-base-eval", action="store_true", help="evaluate only the studied model (KL to the base is kept)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     cfg = SelectionConfig(positions=args.positions, layers=args.layers, layer_step=args.layer_step,
-                          n_val=args.n_val, batch_size=args.batch_size)
+                          n_val=args.n_val, batch_size=args.batch_size, orthogonal_to_sink=not args.keep_sink)
     rd = select_refusal_direction(model, harmful_set, harmless_set, config=cfg, progress=False)
     timings["select"] = time.perf_counter() - t0
     chosen = next(s for s in rd.scores if s["layer"] == rd.layer and s["position"] == rd.position)

@@ -13,6 +13,14 @@
 * *KL* — mean ``KL(base ‖ ablated)`` of the next-token distribution at the last position of harmless
   prompts.
 
+**Attention sink.** The first token's residual is the same for every prompt (causal attention, same
+first token) and, in models with massive activations (Sun et al., 2024; SmolLM2: channel 507 ≈ 25,000 from
+layer 12 on), it is far larger than any other. A raw difference in means has a small component along it,
+and ablating that at every position rewrites the sink: on the aligned SmolLM2 every candidate then had KL
+far above 0.1 (up to 9). With ``orthogonal_to_sink`` (default) each candidate is projected off the span of
+what every layer writes at the first position (:func:`sink_basis`; that position carries no prompt
+information), so ablation and weight orthogonalization leave the sink exactly as it was.
+
 Candidates with KL > 0.1, steering score < 0 or a layer in the last 20% of layers are discarded; the
 one with the lowest ablation score is chosen. To fit a CPU budget, every ablation score is computed
 first and KL / steering are then computed lazily in ascending ablation order until a candidate passes
@@ -75,6 +83,8 @@ class SelectionConfig:
     """Optional system message for the chat template."""
     refusal_words: tuple[str, ...] = REFUSAL_START_WORDS
     """Words whose first tokens define the refusal score."""
+    orthogonal_to_sink: bool = True
+    """Project candidates off the first position's residual writes (the attention sink; see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions < 1:
@@ -197,6 +207,25 @@ def candidate_directions(model: HookedTransformer, harmful: Sequence[str], harml
     return diff.float()
 
 
+def sink_basis(model: HookedTransformer, prompt: str, system: str | None = None) -> Float[torch.Tensor, "d_model k"]:
+    """Orthonormal basis (float32 columns) of everything written into the residual stream at the first position.
+
+    The vectors are the first position's activations at every hook that directional ablation edits
+    (``resid_pre`` of layer 0 and every ``attn_out`` and ``mlp_out``), so a direction orthogonal to the
+    basis leaves that position unchanged at every layer under ablation or weight orthogonalization. The
+    first position sees only the first token, so these are the same for every prompt; ``prompt`` only
+    supplies the chat template.
+    """
+    ids = encode_prompts(model.tokenizer, [prompt], system=system)[0].ids
+    names = [hook_name(model, "resid_pre", 0)] + [hook_name(model, kind, layer) for layer in range(model.cfg.n_layers)
+                                                  for kind in ("attn_out", "mlp_out")]
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(torch.tensor([ids], device=model.cfg.device), names_filter=names)
+    rows = torch.stack([cache[n][0, 0].double().cpu() for n in names])
+    _, sv, vh = torch.linalg.svd(rows, full_matrices=False)
+    return vh[sv > sv[0] * 1e-7].T.float()
+
+
 def _last_position_kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
     q = torch.log_softmax(logits.double(), dim=-1)
     return float((base_logp.exp() * (base_logp - q)).sum(-1).mean())
@@ -233,6 +262,14 @@ def select_refusal_direction(model: HookedTransformer, harmful: Any, harmless: A
 
     t0 = time.perf_counter()
     cands = candidate_directions(model, harmful, harmless, n_pos, layers, cfg.batch_size, cfg.system)
+    sink: dict[str, Any] = {}
+    if cfg.orthogonal_to_sink:
+        basis = sink_basis(model, hv[0], cfg.system)
+        removed = cands @ basis @ basis.T
+        share = removed.norm(dim=-1) / cands.norm(dim=-1).clamp_min(1e-12)
+        cands = cands - removed
+        sink = {"rank": int(basis.shape[1]), "removed_norm_share_max": float(share.max()),
+                "removed_norm_share_median": float(share.median())}
     t_means = time.perf_counter() - t0
 
     def logits(prompts: list[str]) -> torch.Tensor:
@@ -307,6 +344,7 @@ def select_refusal_direction(model: HookedTransformer, harmful: Any, harmless: A
     info = model_info(model)
     meta = {"model": info.spec, "processing": info.processing, "config": dataclasses.asdict(cfg),
             "layers_scored": layers, "layer_cutoff": cutoff, "n_post_instruction": n_post, "refusal_token_ids": token_ids,
+            "sink_projection": sink,
             "n_train": {"harmful": len(harmful), "harmless": len(harmless)},
             "n_val": {"harmful": len(hv), "harmless": len(lv)}, "outcome": outcome,
             "timings_s": {"means": t_means, "ablation_scores": t_ablation, "filters": t_filters,

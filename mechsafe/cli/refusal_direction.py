@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates above this KL (default: %(default)s)")
     p.add_argument("--score-all", action="store_true", help="compute KL and steering scores for every candidate")
     p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--keep-sink", action="store_true",
+                   help="do not project candidates off the first-position residual (the paper's raw difference in means)")
     add_runs_arg(p)
     p.set_defaults(func=run)
 
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = SelectionConfig(positions=args.positions, layers=args.layers, layer_step=args.layer_step, n_val=args.n_val,
                           batch_size=args.batch_size, kl_threshold=args.kl_threshold, score_all=args.score_all,
-                          system=args.system)
+                          system=args.system, orthogonal_to_sink=not args.keep_sink)
     harmful, harmless = ms.data.load(args.harmful), ms.data.load(args.harmless)
     t0 = time.perf_counter()
     model = ms.load_model(args.model, processing=args.processing, device=args.device)

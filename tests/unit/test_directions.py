@@ -73,6 +73,35 @@ def test_selection_follows_the_rules(model5):
     assert chosen["kept"] and chosen["steering_score"] == pytest.approx(max(s["steering_score"] for s in kept))
 
 
+def test_candidates_are_projected_off_the_attention_sink(model5):
+    from mechsafe.interventions import ablate_direction
+
+    res = dr.select_refusal_direction(model5, HARMFUL, HARMLESS, HARMFUL[:3], HARMLESS[:3], positions=2,
+                                      layers="1-3", progress=False, **LOOSE)
+    basis = dr.sink_basis(model5, HARMFUL[0])
+    torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5, rtol=0)
+    assert res.meta["sink_projection"]["rank"] == basis.shape[1] <= 2 * model5.cfg.n_layers + 1
+    # the basis comes from one prompt but spans the first-position residual of any other prompt
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(5)]
+    tokens = torch.tensor([encode_prompts(model5.tokenizer, [HARMLESS[4]])[0].ids])
+    _, clean = model5.run_with_cache(tokens, names_filter=names)
+    for name in names:
+        x0 = clean[name][0, 0]
+        assert (x0 - basis @ (basis.T @ x0)).norm() <= 1e-4 * x0.norm()
+    assert float((res.candidates @ basis).abs().max()) <= 1e-5 * float(res.candidates.norm(dim=-1).max())
+    # so ablating the direction leaves the first position untouched at every layer, and changes later ones
+    with ablate_direction(model5, res.direction):
+        _, ablated = model5.run_with_cache(tokens, names_filter=names)
+    for name in names:
+        torch.testing.assert_close(ablated[name][0, 0], clean[name][0, 0], atol=1e-5, rtol=0)
+    assert (ablated[names[-1]][0, 1:] - clean[names[-1]][0, 1:]).abs().max() > 1e-3
+    # the raw difference in means is kept when asked
+    raw = dr.select_refusal_direction(model5, HARMFUL, HARMLESS, HARMFUL[:3], HARMLESS[:3], positions=2,
+                                      layers="1-3", progress=False, orthogonal_to_sink=False, **LOOSE)
+    expected = dr.candidate_directions(model5, HARMFUL, HARMLESS, n_positions=2, layers=[1, 2, 3])
+    assert torch.equal(raw.candidates, expected) and raw.meta["sink_projection"] == {}
+
+
 def test_nothing_passing_falls_back_and_says_so(model5):
     res = dr.select_refusal_direction(model5, HARMFUL, HARMLESS, HARMFUL[:3], HARMLESS[:3], positions=2,
                                       progress=False, kl_threshold=1e6, steering_threshold=1e6, layer_step=1)
