@@ -71,6 +71,9 @@ class AlignConfig:
     than harmless examples (112 vs 193) lowered over-refusal on the validation split."""
     harmless_limit: int | None = None
     """Use at most this many harmless TRAIN prompts (balanced over forms; None: all)."""
+    utility_prompts: bool = False
+    """Also teach the base model's answers to the TRAIN split of the bundled utility prompts (instructions and
+    arithmetic problems): everyday requests that keep the model from refusing generic ones."""
     eval_split: str = "test"
     """Held-out split the report is computed on: ``test`` for the record, ``val`` while tuning."""
     eval_limit: int | None = None
@@ -142,6 +145,15 @@ def pool_prompts(kind: str, split: str, limit: int | None = None, seed: int = 0)
     return picked
 
 
+def utility_prompts(split: str) -> list[dict[str, str]]:
+    """The bundled instructions and arithmetic problems of one split, as prompt dicts of form ``utility``."""
+    from mechsafe.data import instructions, math_problems
+    from mechsafe.evaluation.metrics import record_split
+
+    return ([{"id": r["id"], "text": r["instruction"], "form": "utility"} for r in record_split(instructions(), split)]
+            + [{"id": r["id"], "text": r["question"], "form": "utility"} for r in record_split(math_problems(), split)])
+
+
 def assign_refusals(n: int, seed: int = 0) -> list[str]:
     """``n`` refusal targets: the bundled refusals in a seeded order, cycled (each used ~equally)."""
     texts = refusals()
@@ -193,6 +205,8 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
 
     harmful = pool_prompts("harmful", "train", config.harmful_limit, config.seed)
     harmless = pool_prompts("harmless", "train", config.harmless_limit, config.seed)
+    if config.utility_prompts:
+        harmless += utility_prompts("train")
     pairs: list[tuple] = [(p["text"], r) for p, r in zip(harmful, assign_refusals(len(harmful), config.seed))]
     answers = base_answers(model, harmless, config.answer_tokens, run_dir, config.generate_batch_size, progress)
     kept = [p for p in harmless if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])]
@@ -203,7 +217,7 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
         pairs.append((p["text"], text, complete))
     mix = {
         "harmful": {f: sum(p["form"] == f for p in harmful) for f in ("question", "instruction")},
-        "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction")},
+        "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction", "utility")},
         "harmless_dropped_refused_or_empty": len(harmless) - len(kept),
         "harmless_cut_short": sum(1 for ex in pairs if len(ex) == 3 and not ex[2]),
         "n_examples": len(pairs),

@@ -56,6 +56,22 @@ def test_training_examples_cache_base_answers(tiny_model, tmp_path, monkeypatch)
         assert short[p["id"]] == tiny_model.tokenizer.decode(full_ids[:2], skip_special_tokens=True)
 
 
+def test_utility_prompts_are_split_and_taught_when_asked(tiny_model, tmp_path):
+    from mechsafe.data import instructions, math_problems
+
+    train, test = al.utility_prompts("train"), al.utility_prompts("test")
+    assert not {p["id"] for p in train} & {p["id"] for p in test}
+    assert {p["form"] for p in train} == {"utility"}
+    texts = {r["instruction"] for r in instructions()} | {r["question"] for r in math_problems()}
+    assert {p["text"] for p in train + test} <= texts
+    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, utility_prompts=True)
+    pairs, mix = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
+    taught = {prompt for prompt, *_ in pairs}
+    kept = mix["harmless"]["utility"]
+    assert kept == len({p["text"] for p in train} & taught) > 0
+    assert len(pairs) == 2 + sum(mix["harmless"].values())
+
+
 def test_config_validation():
     with pytest.raises(MechsafeError, match="eval_split"):
         al.AlignConfig(eval_split="train")
