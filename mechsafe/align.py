@@ -51,7 +51,7 @@ ANSWERS_FILE = "base_answers.json"
 def default_finetune_config() -> FinetuneConfig:
     """The LoRA recipe of ``mechsafe align`` (chosen on the validation split, see ``docs/align.md``)."""
     return FinetuneConfig(rank=8, alpha=16, targets=("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_O"),
-                          layers="6-29", lr=1e-3, steps=60, batch_size=8, warmup_steps=4, schedule="linear",
+                          layers="6-29", lr=1e-3, steps=90, batch_size=8, warmup_steps=4, schedule="linear",
                           max_length=128, checkpoint_every=10, seed=0)
 
 
@@ -71,6 +71,9 @@ class AlignConfig:
     than harmless examples (112 vs 193) lowered over-refusal on the validation split."""
     harmless_limit: int | None = None
     """Use at most this many harmless TRAIN prompts (balanced over forms; None: all)."""
+    harmless_repeat: int = 1
+    """Show every harmless example this many times per epoch (more weight on "answer" than on "refuse"
+    without writing new prompts)."""
     utility_prompts: bool = False
     """Also teach the base model's answers to the TRAIN split of the bundled utility prompts (instructions and
     arithmetic problems): everyday requests that keep the model from refusing generic ones."""
@@ -92,7 +95,7 @@ class AlignConfig:
             self.finetune = FinetuneConfig(**self.finetune)
         if self.eval_split not in SPLITS or self.eval_split == "train":
             raise MechsafeError(f"eval_split={self.eval_split!r} must be 'val' or 'test' (held out from training)")
-        for name in ("answer_tokens", "eval_max_new_tokens", "generate_batch_size"):
+        for name in ("answer_tokens", "eval_max_new_tokens", "generate_batch_size", "harmless_repeat"):
             if getattr(self, name) < 1:
                 raise MechsafeError(f"{name}={getattr(self, name)} must be a positive integer")
         for name in ("harmful_limit", "harmless_limit", "eval_limit"):
@@ -214,12 +217,13 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
     for p in kept:  # an answer that used every allowed token was cut short: do not teach it to end there
         text = answers[p["id"]].strip()
         complete = len(tok(text, add_special_tokens=False)["input_ids"]) < config.answer_tokens - 1
-        pairs.append((p["text"], text, complete))
+        pairs += [(p["text"], text, complete)] * config.harmless_repeat
     mix = {
         "harmful": {f: sum(p["form"] == f for p in harmful) for f in ("question", "instruction")},
         "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction", "utility")},
+        "harmless_repeat": config.harmless_repeat,
         "harmless_dropped_refused_or_empty": len(harmless) - len(kept),
-        "harmless_cut_short": sum(1 for ex in pairs if len(ex) == 3 and not ex[2]),
+        "harmless_cut_short": sum(1 for ex in pairs if len(ex) == 3 and not ex[2]) // config.harmless_repeat,
         "n_examples": len(pairs),
     }
     return pairs, mix

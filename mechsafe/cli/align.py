@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-utility", action="store_true", help="skip the arithmetic and reference-answer NLL metrics")
     p.add_argument("--harmful-limit", type=int, default=112, help="use at most N harmful TRAIN prompts (default: %(default)s)")
     p.add_argument("--harmless-limit", type=int, help="use at most N harmless TRAIN prompts")
+    p.add_argument("--harmless-repeat", type=int, default=1,
+                   help="show each harmless example N times per epoch (default: %(default)s)")
     p.add_argument("--utility-prompts", action="store_true",
                    help="also train on the base model's answers to the TRAIN utility prompts (instructions, arithmetic)")
     p.add_argument("--answer-tokens", type=int, default=24, help="longest base answer used as a target (default: %(default)s)")
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         recipe.update(overrides)
     config = AlignConfig(model=args.model, finetune=recipe, answer_tokens=args.answer_tokens,
                          harmful_limit=args.harmful_limit, harmless_limit=args.harmless_limit,
-                         utility_prompts=args.utility_prompts,
+                         harmless_repeat=args.harmless_repeat, utility_prompts=args.utility_prompts,
                          eval_split=args.eval_split, eval_limit=args.eval_limit,
                          eval_max_new_tokens=args.eval_max_new_tokens, utility=not args.no_utility,
                          generate_batch_size=args.batch_size_generate, seed=args.seed)

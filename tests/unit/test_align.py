@@ -1,5 +1,6 @@
 """The align recipe on tiny models: data mix, refusal assignment, answer cache, end-to-end run and CLI."""
 
+import dataclasses
 import json
 
 import pytest
@@ -77,9 +78,21 @@ def test_config_validation():
         al.AlignConfig(eval_split="train")
     with pytest.raises(MechsafeError, match="eval_limit"):
         al.AlignConfig(eval_limit=1)
+    with pytest.raises(MechsafeError, match="harmless_repeat"):
+        al.AlignConfig(harmless_repeat=0)
     assert isinstance(al.AlignConfig(finetune={"steps": 3}).finetune, FinetuneConfig)
 
 
+def test_harmless_repeat_duplicates_only_harmless_examples(tiny_model, tmp_path):
+    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=4, answer_tokens=3)
+    once, mix1 = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
+    thrice, mix3 = al.training_examples(dataclasses.replace(cfg, harmless_repeat=3), tiny_model, tmp_path,
+                                        progress=False)
+    harmless1, harmless3 = once[2:], thrice[2:]
+    assert thrice[:2] == once[:2] and len(harmless1) > 0
+    assert len(harmless3) == 3 * len(harmless1) and set(harmless3) == set(harmless1)
+    assert mix3["harmless"] == mix1["harmless"] and mix3["harmless_cut_short"] == mix1["harmless_cut_short"]
+    assert mix3["n_examples"] == 2 + 3 * len(harmless1)
 
 
 def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):
