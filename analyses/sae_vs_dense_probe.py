@@ -29,6 +29,7 @@ import torch
 import mechsafe as ms
 import mechsafe.sae  # noqa: F401  (makes ms.sae available)
 from mechsafe import probes
+from mechsafe.errors import MechsafeError
 from mechsafe.hooks import kind_of, layer_of
 from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
 
@@ -205,4 +206,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except MechsafeError as exc:
+        sys.exit(f"error: {exc}")
