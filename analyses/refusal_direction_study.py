@@ -77,6 +77,10 @@ def main(argv=None) -> int:
     base = ms.load_model(args.base)
     model = base if spec == args.base else ms.load_model(spec)
     timings["load"] = time.perf_counter() - t0
+    rd = RefusalDirection.load(args.direction) if args.direction else None  # checked before any long work
+    if rd is not None and rd.meta.get("model") != ms.models.model_info(model).spec:
+        raise MechsafeError(f"{args.direction} was selected on {rd.meta.get('model')!r}, not on {spec!r}; "
+                            "drop --direction to select one for this model")
     harmful_set, harmless_set = ms.data.load("harmful"), ms.data.load("harmless")
     harmful = harmful_set.split("test").texts[: args.limit]
     harmless = harmless_set.split("test").texts[: args.limit]
@@ -96,12 +100,7 @@ def main(argv=None) -> int:
         print(f"[{name}] {evals[name].model}\n{evals[name].markdown()}", flush=True)
 
     t0 = time.perf_counter()
-    if args.direction:
-        rd = RefusalDirection.load(args.direction)
-        if rd.meta.get("model") != ms.models.model_info(model).spec:
-            raise MechsafeError(f"{args.direction} was selected on {rd.meta.get('model')!r}, not on {spec!r}; "
-                                "drop --direction to select one for this model")
-    else:
+    if rd is None:
         cfg = SelectionConfig(positions=args.positions, layers=args.layers, layer_step=args.layer_step,
                               n_val=args.n_val, batch_size=args.batch_size, orthogonal_to_sink=not args.keep_sink)
         rd = select_refusal_direction(model, harmful_set, harmless_set, config=cfg, progress=False)
