@@ -214,16 +214,18 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
     answers = base_answers(model, harmless, config.answer_tokens, run_dir, config.generate_batch_size, progress)
     kept = [p for p in harmless if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])]
     tok = model.tokenizer
+    answered = []
     for p in kept:  # an answer that used every allowed token was cut short: do not teach it to end there
         text = answers[p["id"]].strip()
         complete = len(tok(text, add_special_tokens=False)["input_ids"]) < config.answer_tokens - 1
-        pairs += [(p["text"], text, complete)] * config.harmless_repeat
+        answered.append((p["text"], text, complete))
+    pairs += [ex for ex in answered for _ in range(config.harmless_repeat)]
     mix = {
         "harmful": {f: sum(p["form"] == f for p in harmful) for f in ("question", "instruction")},
         "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction", "utility")},
         "harmless_repeat": config.harmless_repeat,
         "harmless_dropped_refused_or_empty": len(harmless) - len(kept),
-        "harmless_cut_short": sum(1 for ex in pairs if len(ex) == 3 and not ex[2]) // config.harmless_repeat,
+        "harmless_cut_short": sum(not complete for *_, complete in answered),
         "n_examples": len(pairs),
     }
     return pairs, mix
