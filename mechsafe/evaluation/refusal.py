@@ -58,6 +58,7 @@ REFUSAL_WINDOW = 200
 REFUSAL_START_WORDS: tuple[str, ...] = ("I", "Sorry", "As", "Unfortunately", "Apologies")
 """Words whose first token opens a refusal; their token ids form the set R of the refusal score."""
 
+
 def _whole_words(phrases: Sequence[str]) -> re.Pattern:
     return re.compile(r"(?<![\w'])(?:" + "|".join(re.escape(p) for p in phrases) + r")(?![\w'])")
 
