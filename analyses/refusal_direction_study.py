@@ -126,9 +126,8 @@ def main(argv=None) -> int:
         print(f"{name}: {row['refusal_rate']} score {row['mean_refusal_score']:.3f}", flush=True)
         return row
 
-    def intervene(which: str, cand: dict) -> dict:
+    def intervene(which: str, cand: dict, r: torch.Tensor) -> dict:
         """Ablation by hooks and by weights on harmful prompts, addition at its layer on harmless ones."""
-        r = rd.candidates[tuple(cand["index"])] if rd.candidates is not None else rd.direction
         tag = f"{which} direction (layer {cand['layer']}, position {cand['position']})"
         ablated = measure(f"harmful, {tag} ablated (hooks)", harmful, lambda: iv.ablate_direction(model, r))
         t = time.perf_counter()
@@ -155,9 +154,9 @@ def main(argv=None) -> int:
          "mean_refusal_score": float(ev.refusal_score(model, harmful, batch_size=args.batch_size).mean())},
         {"condition": "harmless, no intervention", **_from_eval(evals["studied"], "harmless"),
          "mean_refusal_score": float(ev.refusal_score(model, harmless, batch_size=args.batch_size).mean())}]
-    measured = [intervene("selected", chosen)]
-    if strongest is not chosen:
-        measured.append(intervene("strongest", strongest))
+    measured = [intervene("selected", chosen, rd.direction)]
+    if strongest is not chosen and rd.candidates is not None:  # a saved direction may lack its candidates
+        measured.append(intervene("strongest", strongest, rd.candidates[tuple(strongest["index"])]))
     rows = baseline_rows + [r for m in measured for r in m["rows"]]
 
     def public(d: dict) -> dict:
@@ -228,7 +227,9 @@ def _report(args, spec, evals, rd, chosen, strongest, baseline_rows, measured) -
               f"{strongest['position']}, ablation score {strongest['ablation_score']:.3f}, steering score "
               f"{_num(strongest['steering_score'])}, KL {_num(strongest['kl'])}"
               + (" (the selected one)." if strongest is chosen else
-                 f" ({strongest['reason'] or 'kept'}); measured below too, outside the selection rule."),
+                 f" ({strongest['reason'] or 'kept'}); "
+                 + ("measured below too, outside the selection rule." if len(measured) > 1 else
+                    "not measured: the saved direction has no candidate vectors.")),
               "", "![scores](scores.png)", "",
               "## Interventions on test prompts", "", "| condition | refusal rate [95% CI] | n | mean refusal score |",
               "|---|---|---|---|"]
