@@ -8,7 +8,9 @@ it with LoRA (:mod:`mechsafe.finetune`) on the bundled TRAIN split:
   permutation, so the targets vary and the run is reproducible);
 * every harmless prompt -> the base model's own greedy answer (``answer_tokens`` tokens, cached in
   the run dir so a resumed run reuses them); answers that the refusal matcher flags are dropped, so
-  the base model's own over-refusals are not taught.
+  the base model's own over-refusals are not taught. Besides the harmless TRAIN pool, the
+  training-only answer prompts (:func:`mechsafe.data.answer_prompts`: everyday, near-harm but benign
+  and role-play requests) are taught the same way.
 
 Both pools mix question-form and instruction-form prompts (``form`` in the bundled data), so the
 model cannot learn "question about harm -> refuse, imperative -> comply". The merged model is saved
@@ -51,7 +53,7 @@ ANSWERS_FILE = "base_answers.json"
 def default_finetune_config() -> FinetuneConfig:
     """The LoRA recipe of ``mechsafe align`` (chosen on the validation split, see ``docs/align.md``)."""
     return FinetuneConfig(rank=8, alpha=16, targets=("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_O"),
-                          layers="6-29", lr=1e-3, steps=90, batch_size=8, warmup_steps=4, schedule="linear",
+                          layers="6-29", lr=1e-3, steps=120, batch_size=8, warmup_steps=4, schedule="linear",
                           max_length=128, checkpoint_every=10, seed=0)
 
 
@@ -77,6 +79,10 @@ class AlignConfig:
     utility_prompts: bool = False
     """Also teach the base model's answers to the TRAIN split of the bundled utility prompts (instructions and
     arithmetic problems): everyday requests that keep the model from refusing generic ones."""
+    answer_prompts: bool = True
+    """Also teach the base model's answers to the bundled training-only harmless prompts
+    (:func:`mechsafe.data.answer_prompts`: everyday, near-harm but benign and role-play requests). They
+    cut validation over-refusal from 0.106 to 0.030 (``docs/align.md``)."""
     eval_split: str = "test"
     """Held-out split the report is computed on: ``test`` for the record, ``val`` while tuning."""
     eval_limit: int | None = None
@@ -157,6 +163,14 @@ def utility_prompts(split: str) -> list[dict[str, str]]:
             + [{"id": r["id"], "text": r["question"], "form": "utility"} for r in record_split(math_problems(), split)])
 
 
+def training_answer_prompts() -> list[dict[str, str]]:
+    """The bundled training-only harmless prompts (:func:`mechsafe.data.answer_prompts`) as prompt dicts of
+    form ``answer_prompts`` (they belong to no evaluation split)."""
+    from mechsafe.data import answer_prompts
+
+    return [{"id": r["id"], "text": r["text"], "form": "answer_prompts"} for r in answer_prompts()]
+
+
 def assign_refusals(n: int, seed: int = 0) -> list[str]:
     """``n`` refusal targets: the bundled refusals in a seeded order, cycled (each used ~equally)."""
     texts = refusals()
@@ -210,6 +224,8 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
     harmless = pool_prompts("harmless", "train", config.harmless_limit, config.seed)
     if config.utility_prompts:
         harmless += utility_prompts("train")
+    if config.answer_prompts:
+        harmless += training_answer_prompts()
     pairs: list[tuple] = [(p["text"], r) for p, r in zip(harmful, assign_refusals(len(harmful), config.seed))]
     answers = base_answers(model, harmless, config.answer_tokens, run_dir, config.generate_batch_size, progress)
     kept = [p for p in harmless if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])]
@@ -222,7 +238,7 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
     pairs += [ex for ex in answered for _ in range(config.harmless_repeat)]
     mix = {
         "harmful": {f: sum(p["form"] == f for p in harmful) for f in ("question", "instruction")},
-        "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction", "utility")},
+        "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction", "utility", "answer_prompts")},
         "harmless_repeat": config.harmless_repeat,
         "harmless_dropped_refused_or_empty": len(harmless) - len(kept),
         "harmless_cut_short": sum(not complete for *_, complete in answered),

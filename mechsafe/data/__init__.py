@@ -203,6 +203,13 @@ def compliances() -> list[str]:
     return [r["text"] for r in _read_suite("compliances.jsonl")]
 
 
+def answer_prompts() -> list[dict[str, Any]]:
+    """Bundled training-only harmless prompts (``id``, ``text``, ``topic``, ``form``): everyday requests,
+    near-harm but benign requests and harmless role-play framings, for teaching a safety-tuned model
+    what to keep answering. They belong to no evaluation split and share no prompt with the pools."""
+    return [dict(r) for r in _read_suite("answer_prompts.jsonl")]
+
+
 def math_problems() -> list[dict[str, Any]]:
     """Bundled arithmetic word problems: dicts with ``id``, ``question`` and numeric ``answer``."""
     return [dict(r) for r in _read_suite("math.jsonl")]

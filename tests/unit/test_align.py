@@ -37,7 +37,7 @@ def test_refusals_are_varied_deterministic_and_cycled():
 
 
 def test_training_examples_cache_base_answers(tiny_model, tmp_path, monkeypatch):
-    cfg = al.AlignConfig(harmful_limit=4, harmless_limit=4, answer_tokens=4)
+    cfg = al.AlignConfig(harmful_limit=4, harmless_limit=4, answer_tokens=4, answer_prompts=False)
     pairs, mix = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
     assert mix["harmful"] == {"question": 2, "instruction": 2}
     assert len(pairs) == 4 + sum(mix["harmless"].values())
@@ -65,12 +65,25 @@ def test_utility_prompts_are_split_and_taught_when_asked(tiny_model, tmp_path):
     assert {p["form"] for p in train} == {"utility"}
     texts = {r["instruction"] for r in instructions()} | {r["question"] for r in math_problems()}
     assert {p["text"] for p in train + test} <= texts
-    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, utility_prompts=True)
+    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, utility_prompts=True,
+                         answer_prompts=False)
     pairs, mix = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
     taught = {prompt for prompt, *_ in pairs}
     kept = mix["harmless"]["utility"]
     assert kept == len({p["text"] for p in train} & taught) > 0
     assert len(pairs) == 2 + sum(mix["harmless"].values())
+
+
+def test_answer_prompts_are_taught_only_when_asked(tiny_model, tmp_path):
+    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, answer_prompts=False)
+    without, mix0 = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
+    extra = {r["text"] for r in ms.data.answer_prompts()}
+    assert mix0["harmless"]["answer_prompts"] == 0 and not {p for p, *_ in without} & extra
+    pairs, mix = al.training_examples(dataclasses.replace(cfg, answer_prompts=True), tiny_model, tmp_path,
+                                      progress=False)
+    taught = {prompt for prompt, *_ in pairs} & extra
+    assert mix["harmless"]["answer_prompts"] == len(taught) > len(extra) // 2
+    assert pairs[:len(without)] == without
 
 
 def test_config_validation():
@@ -84,7 +97,7 @@ def test_config_validation():
 
 
 def test_harmless_repeat_duplicates_only_harmless_examples(tiny_model, tmp_path):
-    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=4, answer_tokens=3)
+    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=4, answer_tokens=3, answer_prompts=False)
     once, mix1 = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
     thrice, mix3 = al.training_examples(dataclasses.replace(cfg, harmless_repeat=3), tiny_model, tmp_path,
                                         progress=False)
@@ -98,7 +111,7 @@ def test_harmless_repeat_duplicates_only_harmless_examples(tiny_model, tmp_path)
 def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):
     ft = FinetuneConfig(steps=3, batch_size=4, lr=1e-2, checkpoint_every=2, max_length=400)
     cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
-                         eval_split="val", eval_limit=4, eval_max_new_tokens=4, utility=False)
+                         answer_prompts=False, eval_split="val", eval_limit=4, eval_max_new_tokens=4, utility=False)
     out = tmp_path / "aligned"
     result = al.align(cfg, out=out, run_dir=tmp_path / "run", progress=False)
     model = ms.load_model(str(out))

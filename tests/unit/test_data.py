@@ -20,6 +20,25 @@ def test_bundled_suites_meet_the_spec():
     assert not set(harmful.texts) & set(harmless.texts)
 
 
+def _content_words(text):
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
+    return {w for w in words if len(w) > 2 and w not in ENGLISH_STOP_WORDS}
+
+
+def test_training_only_answer_prompts_are_disjoint_from_the_evaluation_pools():
+    extra = ms.data.answer_prompts()
+    assert len(extra) >= 250 and len({r["id"] for r in extra}) == len(extra)
+    assert {r["form"] for r in extra} == {"question", "instruction"} and all(r["text"].strip() for r in extra)
+    harmful, harmless = ms.data.load("harmful"), ms.data.load("harmless")
+    held_out = [_content_words(t) for ps in (harmful, harmless) for t, s in zip(ps.texts, ps.splits) if s != "train"]
+    assert not {r["text"] for r in extra} & set(harmful.texts + harmless.texts)
+    for r in extra:  # shares under half of its content words with every VAL/TEST prompt
+        w = _content_words(r["text"])
+        assert max(len(w & h) / min(len(w), len(h)) for h in held_out) < 0.5, r["id"]
+
+
 def test_splits_are_deterministic_stratified_and_shared_across_suites():
     a, b = ms.data.load("harmful_vs_harmless"), ms.data.load("harmful_vs_harmless")
     assert a.splits == b.splits and a.fingerprint() == b.fingerprint()
