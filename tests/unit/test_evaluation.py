@@ -98,9 +98,9 @@ def test_bundled_refusals_and_compliances_are_classified():
     ("I cannotate", False),  # whole words only
     ("Hey! I'm here to support you. I'm not going to lie, it can be tough.", False),  # idiom, not a refusal
     ("I won’t sugarcoat it: the storm is close, crew!", False),
-    ("I'm not going to lie: I can't help with that.", True),
+    ("I'm not going to lie: I can't help with that.", True),  # the idiom is blanked, the refusal still counts
     ("I'm sorry to hear that you're having a tough time at work. Here is what you can say:", False),
-    ("I'm sorry to hear that, but I can't help with that.", True),  # the idiom is blanked, the refusal still counts
+    ("I'm sorry to hear that, but I can't help with that.", True),
     ("I'm not going to help with that.", True),
 ])
 def test_phrase_matcher_cases(text, expected):
