@@ -65,6 +65,12 @@ class FinetuneConfig:
     """Learning rate after warm-up: ``constant`` or ``linear`` decay to 0 at the last step."""
     max_grad_norm: float | None = 1.0
     """Clip the LoRA gradients to this global norm; ``None`` disables clipping."""
+    kl_weight: float = 0.0
+    """Weight of the retain term: the KL from the model before training to the adapted model, at every
+    position of the examples passed as ``finetune(retain=...)`` (:mod:`mechsafe.finetune.retain`); 0: off."""
+    kl_top_k: int = 64
+    """Reference distributions of the retain term keep their ``kl_top_k`` most probable tokens plus one
+    bucket for the rest (the KL is exact when this covers the vocabulary)."""
     callback_every: int = 1
     """Call ``callback(step, model)`` every this many steps (also before the first and after the last)."""
     merge: bool = True
@@ -77,7 +83,7 @@ class FinetuneConfig:
             raise MechsafeError(f"unknown LoRA targets {unknown or '[]'}; choose from {', '.join(TARGETS)}")
         if len(set(self.targets)) != len(self.targets):
             raise MechsafeError(f"LoRA targets {list(self.targets)} repeat a weight; list each once")
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "callback_every"):
+        for name in ("rank", "batch_size", "grad_accum", "max_length", "callback_every", "kl_top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MechsafeError(f"{name}={value!r} must be a positive integer")
@@ -92,6 +98,8 @@ class FinetuneConfig:
             raise MechsafeError(f"alpha={self.alpha} must be a positive number")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise MechsafeError(f"lr={self.lr} must be a positive number, e.g. 2e-4")
+        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
+            raise MechsafeError(f"kl_weight={self.kl_weight} must be a non-negative number (0 turns the retain term off)")
         if self.weight_decay < 0:
             raise MechsafeError(f"weight_decay={self.weight_decay} must be >= 0")
         if self.steps is not None and self.epochs is not None:

@@ -101,27 +101,33 @@ def token_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"]) 
     return nll.view(target.shape)
 
 
+def final_resid(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos_minus_1 d_model"]:
+    """The residual stream after the last block at every position that predicts a next token."""
+    return model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)[:, :-1]
+
+
+def logits_at(model: HookedTransformer, resid: Float[torch.Tensor, "batch pos d_model"],
+              sel: torch.Tensor) -> Float[torch.Tensor, "n_selected d_vocab"]:
+    """Logits of the positions ``resid[sel]`` only (the ``d_vocab``-wide unembedding runs nowhere else)."""
+    return model.unembed(model.ln_final(resid[sel][None]))[0]
+
+
 def masked_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
-               mask: Float[torch.Tensor, "batch pos_minus_1"]) -> Float[torch.Tensor, " batch"]:
+               mask: Float[torch.Tensor, "batch pos_minus_1"],
+               resid: Float[torch.Tensor, "batch pos_minus_1 d_model"] | None = None) -> Float[torch.Tensor, " batch"]:
     """Summed NLL of the scored positions of each row (``mask`` from :func:`collate`).
 
     Equal to ``(token_nll(model, tokens) * mask).sum(1)``, but the unembedding (a ``d_vocab``-wide
     matrix product) runs only at the scored positions, which saves most of its cost on the prompt.
+    ``resid`` (from :func:`final_resid`) skips the forward pass when the caller already ran it.
     """
     device = model.cfg.device
-    resid = model(tokens.to(device), stop_at_layer=model.cfg.n_layers)[:, :-1]
+    resid = final_resid(model, tokens) if resid is None else resid
     sel = mask.to(device).bool()
-    picked = resid[sel]
-    logits = model.unembed(model.ln_final(picked[None]))[0]
+    logits = logits_at(model, resid, sel)
     nll = torch.nn.functional.cross_entropy(logits.float(), tokens[:, 1:].to(device)[sel], reduction="none")
     rows = torch.arange(tokens.shape[0], device=device)[:, None].expand_as(sel)[sel]
     return torch.zeros(tokens.shape[0], device=device, dtype=nll.dtype).index_add(0, rows, nll)
-
-
-def batch_nll_sum(model: HookedTransformer, seqs: Sequence[TeacherForced], pad_id: int) -> tuple[torch.Tensor, int]:
-    """Summed response NLL of a batch (differentiable) and its number of response tokens."""
-    tokens, mask = collate(seqs, pad_id)
-    return masked_nll(model, tokens, mask).sum(), int(mask.sum().item())
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ losses so far and the RNG state.
 Run-directory layout (when ``run_dir`` is given)::
 
     run_dir/run.json                       config, versions, seed, weight processing, timings
-    run_dir/losses.json                    loss per optimizer step
+    run_dir/losses.json                    loss per optimizer step (and retain KL, when on)
     run_dir/checkpoints/step-000050/       adapter.safetensors, optimizer.pt, rng.pt, state.json
 """
 
@@ -29,7 +29,8 @@ from mechsafe import chat
 from mechsafe.errors import MechsafeError
 from mechsafe.finetune.config import FinetuneConfig
 from mechsafe.finetune.lora import attach_lora, load_lora_state, lora_state, merge_lora, remove_lora
-from mechsafe.finetune.sequences import TeacherForced, batch_nll_sum, check_examples, encode_examples
+from mechsafe.finetune.retain import Reference, reference_topk, retain_kl_sum
+from mechsafe.finetune.sequences import TeacherForced, check_examples, collate, encode_examples, final_resid, masked_nll
 from mechsafe.models import model_info
 from mechsafe.runs import atomic_dir, read_json, stable_hash, write_json, write_run_manifest
 
@@ -64,6 +65,9 @@ class FinetuneResult:
     """Where checkpoints and losses were written, if anywhere."""
     lora: Any = None
     """PEFT's ``LoraModel`` while the adapters are not merged (``None`` after merging)."""
+    retain_kl: list[float | None] = dataclasses.field(default_factory=list)
+    """Mean retain-term KL per retained position of every optimizer step (``None`` for a step without a
+    retained example; empty when ``kl_weight`` is 0)."""
 
     def merge(self) -> HookedTransformer:
         """Merge the adapters now (when ``config.merge`` was False) and return the plain model."""
@@ -73,14 +77,29 @@ class FinetuneResult:
         return self.model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"losses": self.losses, "config": self.config.to_dict(), "steps": self.steps, "merged": self.merged,
-                "resumed_from": self.resumed_from, "seconds": round(self.seconds, 3),
+        return {"losses": self.losses, "retain_kl": self.retain_kl, "config": self.config.to_dict(), "steps": self.steps,
+                "merged": self.merged, "resumed_from": self.resumed_from, "seconds": round(self.seconds, 3),
                 "run_dir": str(self.run_dir) if self.run_dir else None}
 
 
-def _fingerprint(config: FinetuneConfig, examples: Sequence[tuple], system: str | None) -> str:
+def _fingerprint(config: FinetuneConfig, examples: Sequence[tuple], system: str | None, retain: list[int]) -> str:
     relevant = {k: v for k, v in config.to_dict().items() if k not in _RESUME_IRRELEVANT}
-    return stable_hash({"config": relevant, "examples": [list(e) for e in examples], "system": system}, 20)
+    return stable_hash({"config": relevant, "examples": [list(e) for e in examples], "system": system,
+                        "retain": retain}, 20)
+
+
+def _check_retain(retain: Sequence[int] | None, n: int, config: FinetuneConfig) -> list[int]:
+    """The retained example indices, sorted; errors name the fix."""
+    retain = sorted({int(i) for i in retain}) if retain is not None else []
+    if retain and not 0 <= retain[0] <= retain[-1] < n:
+        raise MechsafeError(f"retain holds indices outside the {n} examples; pass indices in 0..{n - 1}")
+    if config.kl_weight > 0 and not retain:
+        raise MechsafeError(f"kl_weight={config.kl_weight} needs examples to retain; pass retain=[indices] "
+                            "or set kl_weight=0")
+    if retain and config.kl_weight == 0:
+        raise MechsafeError("retain examples were given but kl_weight=0 turns the retain term off; "
+                            "set FinetuneConfig(kl_weight=...) or drop retain")
+    return retain
 
 
 def example_order(step: int, config: FinetuneConfig, n: int) -> list[list[int]]:
@@ -110,7 +129,7 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
 
 
-def _save_checkpoint(run_dir: Path, step: int, total: int, losses: list[float], fingerprint: str,
+def _save_checkpoint(run_dir: Path, step: int, total: int, losses: list[float], kls: list[float | None], fingerprint: str,
                      model: HookedTransformer, optimizer: torch.optim.Optimizer) -> Path:
     from safetensors.torch import save_file
 
@@ -119,15 +138,16 @@ def _save_checkpoint(run_dir: Path, step: int, total: int, losses: list[float], 
         save_file({k: v.contiguous() for k, v in lora_state(model).items()}, str(tmp / "adapter.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        write_json(tmp / "state.json", {"step": step, "total_steps": total, "losses": losses, "fingerprint": fingerprint})
+        write_json(tmp / "state.json", {"step": step, "total_steps": total, "losses": losses, "retain_kl": kls,
+                                        "fingerprint": fingerprint})
     for old in _checkpoint_dirs(run_dir)[:-_KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
-    write_json(run_dir / "losses.json", {"step": step, "losses": losses})
+    write_json(run_dir / "losses.json", {"step": step, "losses": losses, "retain_kl": kls})
     return final
 
 
 def _load_checkpoint(ckpt: Path, fingerprint: str, model: HookedTransformer,
-                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float], list[float | None]]:
     from safetensors.torch import load_file
 
     state = read_json(ckpt / "state.json")
@@ -137,23 +157,37 @@ def _load_checkpoint(ckpt: Path, fingerprint: str, model: HookedTransformer,
     load_lora_state(model, load_file(str(ckpt / "adapter.safetensors")))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
-    return int(state["step"]), [float(x) for x in state["losses"]]
+    kls = [None if x is None else float(x) for x in state.get("retain_kl", [])]
+    return int(state["step"]), [float(x) for x in state["losses"]], kls
 
 
-def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[int]], pad: int) -> float:
-    """Forward/backward of one optimizer step; gradients of the token-weighted mean response NLL."""
+def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[int]], pad: int,
+          refs: dict[int, Reference], kl_weight: float) -> tuple[float, float | None]:
+    """Forward/backward of one optimizer step: gradients of the token-weighted mean response NLL plus
+    ``kl_weight`` times the mean retain KL over the retained positions of the step. Returns both means
+    (the KL is ``None`` when the step holds no retained example)."""
     n_tokens = sum(len(seqs[i]) - seqs[i].prompt_len for mb in micro for i in mb)
-    total = 0.0
+    n_kl = sum(refs[i].logp.shape[0] for mb in micro for i in mb if i in refs)
+    nll_total = kl_total = 0.0
     for mb in micro:
-        nll_sum, _ = batch_nll_sum(model, [seqs[i] for i in mb], pad)
-        (nll_sum / n_tokens).backward()
-        total += float(nll_sum.detach())
-    return total / n_tokens
+        tokens, mask = collate([seqs[i] for i in mb], pad)
+        resid = final_resid(model, tokens)
+        nll_sum = masked_nll(model, tokens, mask, resid=resid).sum()
+        loss = nll_sum / n_tokens
+        rows = [r for r, i in enumerate(mb) if i in refs]
+        if rows:
+            kl_sum = retain_kl_sum(model, resid, rows, [refs[mb[r]] for r in rows])
+            loss = loss + kl_weight * kl_sum / n_kl
+            kl_total += float(kl_sum.detach())
+        loss.backward()
+        nll_total += float(nll_sum.detach())
+    return nll_total / n_tokens, (kl_total / n_kl if n_kl else None)
 
 
 def finetune(model: HookedTransformer, examples: Sequence[tuple], config: FinetuneConfig | None = None,
              run_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
-             callback: Callback | None = None, system: str | None = None) -> FinetuneResult:
+             callback: Callback | None = None, system: str | None = None,
+             retain: Sequence[int] | None = None) -> FinetuneResult:
     """LoRA fine-tune ``model`` (in place) on (prompt, response) pairs; loss on response tokens only.
 
     Args:
@@ -169,6 +203,9 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
             adapted weights with :func:`mechsafe.finetune.adapted_weight`. An exception (from the
             callback or an interrupt) removes the adapters again; resume from the last checkpoint.
         system: optional system prompt of the chat template.
+        retain: indices of examples whose next-token distributions (at every position) are held near
+            those of the model before training by the retain term (``config.kl_weight``, see
+            :mod:`mechsafe.finetune.retain`); they are trained on their responses as usual too.
     """
     config = config or FinetuneConfig()
     examples = check_examples(examples)
@@ -179,15 +216,19 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
     if max(len(s) for s in seqs) > model.cfg.n_ctx:
         raise MechsafeError(f"a sequence is longer than the model's context ({model.cfg.n_ctx}); lower max_length")
     total = config.total_steps(len(seqs))
-    fingerprint = _fingerprint(config, examples, system)
+    retain = _check_retain(retain, len(seqs), config)
+    fingerprint = _fingerprint(config, examples, system, retain)
     run_dir = Path(run_dir) if run_dir is not None else None
+    refs: dict[int, Reference] = {}
+    if retain:  # the model is still the one before training
+        refs = dict(zip(retain, reference_topk(model, [seqs[i] for i in retain], config.kl_top_k)))
 
     tuner = attach_lora(model, config)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    step, losses = 0, []
+    step, losses, kls = 0, [], []
     if run_dir is not None and resume and _checkpoint_dirs(run_dir):
-        step, losses = _load_checkpoint(_checkpoint_dirs(run_dir)[-1], fingerprint, model, optimizer)
+        step, losses, kls = _load_checkpoint(_checkpoint_dirs(run_dir)[-1], fingerprint, model, optimizer)
         logger.info("resumed from step %d of %d in %s", step, total, run_dir)
         if step > total:
             raise MechsafeError(f"{run_dir} holds a checkpoint past the last step ({step} > {total}); use a new run dir")
@@ -203,16 +244,18 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step, total)
             optimizer.zero_grad(set_to_none=True)
-            loss = _step(model, seqs, example_order(step, config, len(seqs)), pad)
+            loss, kl = _step(model, seqs, example_order(step, config, len(seqs)), pad, refs, config.kl_weight)
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             step += 1
             losses.append(loss)
+            if refs:
+                kls.append(kl)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", **({"kl": f"{kl:.4f}"} if kl is not None else {}))
             if run_dir is not None and (step == total or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                _save_checkpoint(run_dir, step, total, losses, fingerprint, model, optimizer)
+                _save_checkpoint(run_dir, step, total, losses, kls, fingerprint, model, optimizer)
             if callback is not None and (step % config.callback_every == 0 or step == total):
                 callback(step, model)
     except BaseException:
@@ -229,12 +272,12 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
         tuner = None
     seconds = time.perf_counter() - t0
     result = FinetuneResult(model=model, losses=losses, config=config, steps=step, merged=merged,
-                            resumed_from=resumed_from, seconds=seconds, run_dir=run_dir, lora=tuner)
+                            resumed_from=resumed_from, seconds=seconds, run_dir=run_dir, lora=tuner, retain_kl=kls)
     if run_dir is not None:
-        write_json(run_dir / "losses.json", {"step": step, "losses": losses})
+        write_json(run_dir / "losses.json", {"step": step, "losses": losses, "retain_kl": kls})
         write_run_manifest(run_dir, command="finetune", config=config.to_dict(), seed=config.seed,
                            processing=model_info(model).processing, timings={"finetune": round(seconds, 3)},
                            extra={"model": model_info(model).to_dict(), "n_examples": len(examples),
-                                  "fingerprint": fingerprint, "resumed_from": resumed_from, "steps": step,
+                                  "n_retain": len(retain), "fingerprint": fingerprint, "resumed_from": resumed_from, "steps": step,
                                   "final_loss": losses[-1] if losses else None})
     return result

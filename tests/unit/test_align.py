@@ -13,6 +13,7 @@ from mechsafe.data import refusals
 from mechsafe.errors import MechsafeError
 from mechsafe.finetune import FinetuneConfig
 from mechsafe.models import model_info
+from mechsafe.runs import read_json
 
 
 def test_pool_prompts_mix_forms_and_respect_splits():
@@ -109,7 +110,7 @@ def test_harmless_repeat_duplicates_only_harmless_examples(tiny_model, tmp_path)
 
 
 def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):
-    ft = FinetuneConfig(steps=3, batch_size=4, lr=1e-2, checkpoint_every=2, max_length=400)
+    ft = FinetuneConfig(steps=3, batch_size=4, lr=1e-2, checkpoint_every=2, max_length=400, kl_weight=1.0)
     cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
                          answer_prompts=False, eval_split="val", eval_limit=4, eval_max_new_tokens=4, utility=False)
     out = tmp_path / "aligned"
@@ -121,6 +122,10 @@ def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):
     for name in ("run.json", "eval.json", "report.md", "losses.json", "training_mix.json", al.ANSWERS_FILE):
         assert (tmp_path / "run" / name).is_file(), name
     assert len(result.losses) == 3
+    # the retain term holds exactly the harmless pairs (they follow the harmful ones)
+    mix, fin = read_json(tmp_path / "run" / "training_mix.json"), read_json(tmp_path / "run" / "finetune" / "run.json")
+    assert fin["n_retain"] == mix["n_examples"] - sum(mix["harmful"].values()) > 0
+    assert len(read_json(tmp_path / "run" / "losses.json")["retain_kl"]) == 3
     ev = result.evaluation
     assert ev["split"] == "val" and ev["aligned"]["n_harmful"] == 4 and ev["base"]["n_harmless"] == 4
     assert 0 <= ev["aligned"]["refusal_rate"]["value"] <= 1 and ev["aligned"]["kl_harmless"] is not None

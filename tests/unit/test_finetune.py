@@ -9,7 +9,8 @@ from mechsafe import chat
 from mechsafe.errors import MechsafeError
 from mechsafe.finetune import (FinetuneConfig, adapted_weight, attach_lora, encode_examples, example_order, finetune,
                                has_lora, merge_lora, response_nll)
-from mechsafe.finetune.sequences import batch_nll_sum, collate
+from mechsafe.finetune.retain import coarse_kl, reference_topk, retain_kl_sum
+from mechsafe.finetune.sequences import collate, final_resid, masked_nll
 from mechsafe.models import model_info
 
 from conftest import make_tiny_model
@@ -56,12 +57,12 @@ def test_response_loss_is_the_masked_nll_of_response_tokens(tiny_model):
         logits = tiny_model(tokens)
         expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                      labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-        got, n = batch_nll_sum(tiny_model, seqs, chat.pad_id(tok))
-    assert n == sum(len(s) - s.prompt_len for s in seqs)
+        got = masked_nll(tiny_model, tokens, mask).sum()
+    assert mask.sum() == sum(len(s) - s.prompt_len for s in seqs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     # the padding id never matters: padding with another id gives the same loss
     with torch.no_grad():
-        other, _ = batch_nll_sum(tiny_model, seqs, pad_id=7)
+        other = masked_nll(tiny_model, *collate(seqs, pad_id=7)).sum()
     torch.testing.assert_close(other, got)
     # per-example mean NLL agrees with the same masked sum
     per = response_nll(tiny_model, EXAMPLES[:3])
@@ -86,10 +87,12 @@ def test_training_lowers_the_response_loss(tiny_model):
     assert result.losses[-1] < result.losses[0]
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    cfg = FinetuneConfig(steps=6, batch_size=4, lr=5e-3, checkpoint_every=2, targets=ALL)
+@pytest.mark.parametrize("kl_weight", [0.0, 1.0])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, kl_weight):
+    cfg = FinetuneConfig(steps=6, batch_size=4, lr=5e-3, checkpoint_every=2, targets=ALL, kl_weight=kl_weight)
+    retain = [0] if kl_weight else None  # some steps hold no retained example
     straight = make_tiny_model()
-    r1 = finetune(straight, EXAMPLES, cfg, progress=False)
+    r1 = finetune(straight, EXAMPLES, cfg, progress=False, retain=retain)
 
     class Crash(Exception):
         pass
@@ -100,10 +103,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
     interrupted = make_tiny_model()
     with pytest.raises(Crash):
-        finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, progress=False, callback=crash_at_3)
+        finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, progress=False, callback=crash_at_3, retain=retain)
     assert not has_lora(interrupted)  # a failed run leaves the model as it came
-    r2 = finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, progress=False)
-    assert r2.resumed_from == 2 and r2.losses == r1.losses
+    r2 = finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, progress=False, retain=retain)
+    assert r2.resumed_from == 2 and r2.losses == r1.losses and r2.retain_kl == r1.retain_kl
+    assert (None in r1.retain_kl) == bool(kl_weight)
     for (name, a), b in zip(straight.state_dict().items(), interrupted.state_dict().values()):
         assert torch.equal(a, b), name
     assert (tmp_path / "run.json").is_file() and (tmp_path / "losses.json").is_file()
@@ -210,6 +214,54 @@ def test_truncated_responses_do_not_close_the_turn(tiny_model):
     assert len(long) == 64 and long.prompt_len < 64
 
 
+def test_coarse_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise():
+    gen = torch.Generator().manual_seed(0)
+    ref_logits, logits = torch.randn(5, 40, generator=gen) * 2, torch.randn(5, 40, generator=gen) * 2
+    ref = torch.log_softmax(ref_logits, -1)
+    full = (ref.exp() * (ref - torch.log_softmax(logits, -1))).sum(-1)  # hand-written KL(ref || q)
+    top = ref.topk(40)
+    torch.testing.assert_close(coarse_kl(logits, top.values, top.indices), full, rtol=1e-4, atol=1e-5)
+    top8 = ref.topk(8)
+    coarse = coarse_kl(logits, top8.values, top8.indices)
+    assert bool((coarse >= -1e-6).all()) and bool((coarse <= full + 1e-5).all()) and bool((coarse < full).any())
+    assert float(coarse_kl(ref_logits, top8.values, top8.indices).abs().max()) < 1e-5  # same distribution: 0
+
+
+def _retained_kl(base_refs, model, seqs):
+    """Mean exact KL(base || model) over every position of ``seqs`` (references cover the whole vocabulary)."""
+    tokens, _ = chat.pad_right([s.ids for s in seqs], 0)
+    with torch.no_grad():
+        resid = final_resid(model, tokens)
+        return float(retain_kl_sum(model, resid, list(range(len(seqs))), base_refs)) / sum(len(s) - 1 for s in seqs)
+
+
+def test_retain_term_starts_at_zero_and_keeps_retained_examples_near_the_base_model():
+    retain = [3, 4, 5]
+    seqs = [encode_examples(make_tiny_model().tokenizer, EXAMPLES)[i] for i in retain]
+    base_refs = reference_topk(make_tiny_model(), seqs, k=10_000)
+    drift = {}
+    for weight in (0.0, 20.0):
+        model = make_tiny_model()
+        cfg = FinetuneConfig(steps=10, batch_size=3, lr=1e-2, kl_weight=weight, kl_top_k=8)
+        result = finetune(model, EXAMPLES, cfg, progress=False, retain=retain if weight else None)
+        drift[weight] = _retained_kl(base_refs, model, seqs)
+        if weight:
+            assert len(result.retain_kl) == 10 and abs(result.retain_kl[0]) < 1e-6  # LoRA starts as the identity
+        else:
+            assert result.retain_kl == []
+    assert drift[20.0] < 0.5 * drift[0.0], drift
+
+
+def test_retain_arguments_are_checked(tiny_model):
+    with pytest.raises(MechsafeError, match="needs examples to retain"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, kl_weight=1.0), progress=False)
+    with pytest.raises(MechsafeError, match="kl_weight=0"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1), progress=False, retain=[0])
+    with pytest.raises(MechsafeError, match="outside"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, kl_weight=1.0), progress=False, retain=[6])
+    with pytest.raises(MechsafeError, match="kl_weight"):
+        FinetuneConfig(kl_weight=-1.0)
+    assert not has_lora(tiny_model)
 
 
 def test_finetuned_model_saves_and_loads_with_identical_logits(hf_dir, tmp_path):

@@ -1,0 +1,89 @@
+"""The retain term: KL from the model before training, on chosen examples.
+
+With ``FinetuneConfig.kl_weight > 0``, :func:`mechsafe.finetune.finetune` adds to the response
+NLL a penalty on how far the adapted model's next-token distributions move from the model it
+started from, on the examples passed as ``retain`` (``align`` passes its harmless examples), at
+every position of those sequences (prompt and response)::
+
+    loss = NLL + kl_weight * sum_{retained (b, t)} KL(p_ref[b, t] || p[b, t]) / #retained positions
+
+The reference distributions are computed once, before the adapters are attached, and kept as
+their ``kl_top_k`` most probable tokens plus one bucket for all other tokens. The KL between two
+distributions coarsened to those ``k + 1`` outcomes is what is optimized: it is a lower bound
+on the full KL (coarsening never increases a divergence) and equals it when ``k`` covers the
+vocabulary. At initialization LoRA changes nothing, so the term starts at exactly 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from transformer_lens import HookedTransformer
+
+from mechsafe import chat
+from mechsafe.finetune.sequences import TeacherForced, final_resid, logits_at
+
+_EPS = 1e-7
+
+
+@dataclasses.dataclass
+class Reference:
+    """The reference next-token distribution at each predicting position of one sequence."""
+
+    logp: Float[torch.Tensor, "pos k"]
+    """Log-probabilities of the ``k`` most probable tokens (positions ``0 .. len - 2``)."""
+    idx: Int[torch.Tensor, "pos k"]
+    """Their token ids."""
+
+
+@torch.no_grad()
+def reference_topk(model: HookedTransformer, seqs: Sequence[TeacherForced], k: int,
+                   batch_size: int = 16) -> list[Reference]:
+    """Top-``k`` next-token distributions of ``model`` at every predicting position of each sequence."""
+    k = min(k, model.cfg.d_vocab)
+    pad = chat.pad_id(model.tokenizer)
+    was_training = model.training
+    model.eval()
+    out: list[Reference] = []
+    try:
+        for start in range(0, len(seqs), batch_size):
+            batch = list(seqs[start:start + batch_size])
+            tokens, lengths = chat.pad_right([s.ids for s in batch], pad)
+            n_pos = lengths - 1
+            sel = torch.arange(tokens.shape[1] - 1)[None, :] < n_pos[:, None]
+            resid = final_resid(model, tokens)
+            logp = torch.log_softmax(logits_at(model, resid, sel.to(resid.device)).float(), dim=-1)
+            top = logp.topk(k, dim=-1)
+            sizes = n_pos.tolist()
+            out += [Reference(logp=v.cpu(), idx=i.cpu())
+                    for v, i in zip(top.values.split(sizes), top.indices.split(sizes))]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def coarse_kl(logits: Float[torch.Tensor, "n d_vocab"], ref_logp: Float[torch.Tensor, "n k"],
+              ref_idx: Int[torch.Tensor, "n k"]) -> Float[torch.Tensor, " n"]:
+    """``KL(ref || softmax(logits))`` over the outcomes {each of the reference's top-k tokens, any other token}."""
+    logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, ref_idx.to(logits.device))
+    ref_logp = ref_logp.to(logits.device)
+    p = ref_logp.exp()
+    p_rest = p.sum(-1).clamp(max=1 - _EPS)
+    q_rest = logq.exp().sum(-1).clamp(max=1 - _EPS)
+    top = (p * (ref_logp - logq)).sum(-1)
+    return top + (1 - p_rest) * (torch.log1p(-p_rest) - torch.log1p(-q_rest))
+
+
+def retain_kl_sum(model: HookedTransformer, resid: Float[torch.Tensor, "batch pos_minus_1 d_model"],
+                  rows: Sequence[int], refs: Sequence[Reference]) -> torch.Tensor:
+    """Summed :func:`coarse_kl` over every predicting position of batch rows ``rows`` (ascending;
+    ``refs[j]`` belongs to row ``rows[j]``); differentiable."""
+    sel = torch.zeros(resid.shape[:2], dtype=torch.bool, device=resid.device)
+    for row, ref in zip(rows, refs):
+        sel[row, :ref.logp.shape[0]] = True
+    ref_logp = torch.cat([r.logp for r in refs])
+    ref_idx = torch.cat([r.idx for r in refs])
+    return coarse_kl(logits_at(model, resid, sel), ref_logp, ref_idx).sum()
