@@ -12,6 +12,10 @@ it with LoRA (:mod:`mechsafe.finetune`) on the bundled TRAIN split:
   training-only answer prompts (:func:`mechsafe.data.answer_prompts`: everyday, near-harm but benign
   and role-play requests) are taught the same way.
 
+A retain term (``FinetuneConfig.kl_weight``, :mod:`mechsafe.finetune.retain`) holds the next-token
+distributions at every position of the harmless examples near the base model's, so the model learns
+to refuse without drifting elsewhere.
+
 Both pools mix question-form and instruction-form prompts (``form`` in the bundled data), so the
 model cannot learn "question about harm -> refuse, imperative -> comply". The merged model is saved
 with :func:`mechsafe.save_model` (provenance: base model, configs, run dir) and evaluated against the
@@ -54,7 +58,7 @@ def default_finetune_config() -> FinetuneConfig:
     """The LoRA recipe of ``mechsafe align`` (chosen on the validation split, see ``docs/align.md``)."""
     return FinetuneConfig(rank=8, alpha=16, targets=("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_O"),
                           layers="6-29", lr=1e-3, steps=120, batch_size=8, warmup_steps=4, schedule="linear",
-                          max_length=128, checkpoint_every=10, seed=0)
+                          max_length=128, checkpoint_every=10, seed=0, kl_weight=1.0)
 
 
 @dataclasses.dataclass
@@ -336,9 +340,12 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     logger.info("training on %d pairs: %s", len(pairs), mix)
 
     t0 = time.perf_counter()
-    result = finetune(model, pairs, config.finetune, run_dir=run_dir / "finetune", resume=resume, progress=progress)
+    # harmful pairs come first; with the retain term on, every harmless pair is held near the base model
+    retain = range(sum(mix["harmful"].values()), len(pairs)) if config.finetune.kl_weight > 0 else None
+    result = finetune(model, pairs, config.finetune, run_dir=run_dir / "finetune", resume=resume, progress=progress,
+                      retain=retain)
     timings["finetune"] = time.perf_counter() - t0
-    write_json(run_dir / "losses.json", {"losses": result.losses})
+    write_json(run_dir / "losses.json", {"losses": result.losses, "retain_kl": result.retain_kl})
     save_model(result.model, out, base_model=config.model, align_config=config.to_dict(), run_dir=str(run_dir.resolve()),
                training_mix=mix, final_loss=result.losses[-1])
     logger.info("saved the aligned model to %s", out)
