@@ -71,10 +71,9 @@ def coarse_kl(logits: Float[torch.Tensor, "n d_vocab"], ref_logp: Float[torch.Te
     logq = torch.log_softmax(logits.float(), dim=-1).gather(-1, ref_idx.to(logits.device))
     ref_logp = ref_logp.to(logits.device)
     p = ref_logp.exp()
-    p_rest = p.sum(-1).clamp(max=1 - _EPS)
-    q_rest = logq.exp().sum(-1).clamp(max=1 - _EPS)
-    top = (p * (ref_logp - logq)).sum(-1)
-    return top + (1 - p_rest) * (torch.log1p(-p_rest) - torch.log1p(-q_rest))
+    p_top = p.sum(-1).clamp(max=1 - _EPS)  # mass of the top-k tokens; the "any other token" bucket has the rest
+    q_top = logq.exp().sum(-1).clamp(max=1 - _EPS)
+    return (p * (ref_logp - logq)).sum(-1) + (1 - p_top) * (torch.log1p(-p_top) - torch.log1p(-q_top))
 
 
 def retain_kl_sum(model: HookedTransformer, resid: Float[torch.Tensor, "batch pos_minus_1 d_model"],
