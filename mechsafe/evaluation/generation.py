@@ -39,8 +39,8 @@ def pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Int[torch.Tensor,
     return tokens, mask
 
 
-def _unembed(model: HookedTransformer, resid: Float[torch.Tensor, "batch d_model"]) -> Float[torch.Tensor, "batch d_vocab"]:
-    """Final norm and unembedding of residual vectors (only the positions that are needed)."""
+def unembed(model: HookedTransformer, resid: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_vocab"]:
+    """Final norm, unembedding and logit soft cap of residual vectors (only the positions that are needed)."""
     x = resid.unsqueeze(1)
     if model.cfg.normalization_type is not None:
         x = model.ln_final(x)
@@ -59,7 +59,7 @@ def last_logits(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"]
     """
     resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
     rows = torch.arange(tokens.shape[0], device=resid.device)
-    return _unembed(model, resid[rows, lengths.to(resid.device) - 1])
+    return unembed(model, resid[rows, lengths.to(resid.device) - 1])
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -101,7 +101,7 @@ def _shared_prefix_last_logits(model: HookedTransformer, seqs: list[list[int]], 
     resid = model(tails.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
                   stop_at_layer=model.cfg.n_layers)
     rows = torch.arange(batch, device=resid.device)
-    return _unembed(model, resid[rows, lengths.to(resid.device) - 1])
+    return unembed(model, resid[rows, lengths.to(resid.device) - 1])
 
 
 def prompt_last_logits(model: HookedTransformer, prompts: Sequence[str], batch_size: int = 16,
@@ -145,7 +145,7 @@ def _generate_batch(model: HookedTransformer, seqs: list[list[int]], max_new_tok
     finished = torch.zeros(batch, dtype=torch.bool)
     resid = model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
                   stop_at_layer=model.cfg.n_layers)
-    logits = _unembed(model, resid[:, -1])
+    logits = unembed(model, resid[:, -1])
     step_mask = torch.ones((batch, 1), dtype=torch.int, device=device)
     for step in range(max_new_tokens):
         nxt = _pick(logits, temperature, gen).cpu()
@@ -163,7 +163,7 @@ def _generate_batch(model: HookedTransformer, seqs: list[list[int]], max_new_tok
             nxt = torch.where(finished, torch.tensor(eos), nxt)
         resid = model(nxt[:, None].to(device), attention_mask=step_mask, past_kv_cache=cache,
                       stop_at_layer=model.cfg.n_layers)
-        logits = _unembed(model, resid[:, -1])
+        logits = unembed(model, resid[:, -1])
     return outs
 
 

@@ -24,7 +24,8 @@ from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
 
 from mechsafe import chat
-from mechsafe.finetune.sequences import TeacherForced, final_resid, logits_at
+from mechsafe.evaluation.generation import unembed
+from mechsafe.finetune.sequences import TeacherForced, final_resid
 
 _EPS = 1e-7
 
@@ -55,7 +56,7 @@ def reference_topk(model: HookedTransformer, seqs: Sequence[TeacherForced], k: i
             n_pos = lengths - 1
             sel = torch.arange(tokens.shape[1] - 1)[None, :] < n_pos[:, None]
             resid = final_resid(model, tokens)
-            logp = torch.log_softmax(logits_at(model, resid, sel.to(resid.device)).float(), dim=-1)
+            logp = torch.log_softmax(unembed(model, resid[sel.to(resid.device)]).float(), dim=-1)
             top = logp.topk(k, dim=-1)
             sizes = n_pos.tolist()
             out += [Reference(logp=v.cpu(), idx=i.cpu())
@@ -85,4 +86,4 @@ def retain_kl_sum(model: HookedTransformer, resid: Float[torch.Tensor, "batch po
         sel[row, :ref.logp.shape[0]] = True
     ref_logp = torch.cat([r.logp for r in refs])
     ref_idx = torch.cat([r.idx for r in refs])
-    return coarse_kl(logits_at(model, resid, sel), ref_logp, ref_idx).sum()
+    return coarse_kl(unembed(model, resid[sel]), ref_logp, ref_idx).sum()

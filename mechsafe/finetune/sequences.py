@@ -23,6 +23,7 @@ from transformer_lens import HookedTransformer
 
 from mechsafe import chat
 from mechsafe.errors import MechsafeError
+from mechsafe.evaluation.generation import unembed
 
 IGNORE_INDEX = -100
 """Label of tokens that do not count in the loss (prompt and padding)."""
@@ -106,12 +107,6 @@ def final_resid(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"]
     return model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)[:, :-1]
 
 
-def logits_at(model: HookedTransformer, resid: Float[torch.Tensor, "batch pos d_model"],
-              sel: torch.Tensor) -> Float[torch.Tensor, "n_selected d_vocab"]:
-    """Logits of the positions ``resid[sel]`` only (the ``d_vocab``-wide unembedding runs nowhere else)."""
-    return model.unembed(model.ln_final(resid[sel][None]))[0]
-
-
 def masked_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
                mask: Float[torch.Tensor, "batch pos_minus_1"],
                resid: Float[torch.Tensor, "batch pos_minus_1 d_model"] | None = None) -> Float[torch.Tensor, " batch"]:
@@ -124,7 +119,7 @@ def masked_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
     device = model.cfg.device
     resid = final_resid(model, tokens) if resid is None else resid
     sel = mask.to(device).bool()
-    logits = logits_at(model, resid, sel)
+    logits = unembed(model, resid[sel])
     nll = torch.nn.functional.cross_entropy(logits.float(), tokens[:, 1:].to(device)[sel], reduction="none")
     rows = torch.arange(tokens.shape[0], device=device)[:, None].expand_as(sel)[sel]
     return torch.zeros(tokens.shape[0], device=device, dtype=nll.dtype).index_add(0, rows, nll)

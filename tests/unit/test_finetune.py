@@ -70,6 +70,16 @@ def test_response_loss_is_the_masked_nll_of_response_tokens(tiny_model):
     torch.testing.assert_close((per * lens).sum(), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_response_loss_follows_the_models_own_logits_with_a_soft_cap(tiny_model):
+    """The loss unembeds only scored positions; it must still apply every step of the model's own head."""
+    tiny_model.cfg.output_logits_soft_cap = 0.5
+    tokens, mask = collate(encode_examples(tiny_model.tokenizer, EXAMPLES[:3]), chat.pad_id(tiny_model.tokenizer))
+    with torch.no_grad():
+        logits = tiny_model(tokens)[:, :-1]
+        full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+        torch.testing.assert_close(masked_nll(tiny_model, tokens, mask), (full * mask).sum(1), rtol=1e-5, atol=1e-4)
+
+
 def test_prompt_tokens_are_not_scored(tiny_model):
     """Changing the prompt changes the conditioning only: with a model that ignores context the loss is unchanged."""
     seqs = encode_examples(tiny_model.tokenizer, [("aaaa", "xyz"), ("bbbbbbbb", "xyz")])
