@@ -173,8 +173,9 @@ def post_instruction_positions(tokenizer, prompts: Sequence[str], system: str | 
 
 
 def mean_activations(model: HookedTransformer, prompts: Sequence[str], n_positions: int, layers: Sequence[int],
-                     batch_size: int = 16, system: str | None = None) -> Float[torch.Tensor, "n_positions n_layers d_model"]:
-    """Mean ``resid_pre`` activation at the last ``n_positions`` positions of each prompt, per layer."""
+                     batch_size: int = 16, system: str | None = None,
+                     kind: str = "resid_pre") -> Float[torch.Tensor, "n_positions n_layers d_model"]:
+    """Mean activation (hook ``kind``) at the last ``n_positions`` positions of each prompt, per layer."""
     enc = encode_prompts(model.tokenizer, list(prompts), system=system)
     total = torch.zeros((n_positions, len(layers), model.cfg.d_model), dtype=torch.float64)
     offsets = torch.arange(-n_positions, 0)
@@ -187,7 +188,7 @@ def mean_activations(model: HookedTransformer, prompts: Sequence[str], n_positio
             total[:, j] += x.detach()[rows, pos.to(x.device)].double().sum(0).cpu()
         return fn
 
-    hooks = [(hook_name(model, "resid_pre", layer), make_hook(j)) for j, layer in enumerate(layers)]
+    hooks = [(hook_name(model, kind, layer), make_hook(j)) for j, layer in enumerate(layers)]
     stop = max(layers) + 1
     with torch.inference_mode(), hooked(model, hooks):
         for idx in length_batches([len(e) for e in enc], batch_size):

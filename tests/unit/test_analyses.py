@@ -60,3 +60,48 @@ def test_refusal_direction_study_on_a_tiny_model(tmp_path, monkeypatch):
         study.main(["--model", str(other_dir), "--direction", str(run_dir / "direction"), "--runs-dir",
                     str(tmp_path / "bad"), *common])
     assert not (tmp_path / "bad").exists()
+
+    # zero vs affine ablation of the saved candidates (analyses/refusal_direction_zero_point.py)
+    zp = _script("refusal_direction_zero_point")
+    zero_runs = tmp_path / "zero-point"
+    assert zp.main(["--model", str(model_dir), "--direction", str(run_dir / "direction"), "--n-val", "4",
+                    "--batch-size", "4", "--runs-dir", str(zero_runs)]) == 0
+    (zrun,) = list(zero_runs.iterdir())
+    zres = json.loads((zrun / "results.json").read_text())
+    assert [(c["layer"], c["position"]) for c in zres["candidates"]] == [
+        (m["candidate"]["layer"], m["candidate"]["position"]) for m in res["interventions"]]
+    assert zres["no_intervention"]["kl_mean"] == pytest.approx(0.0, abs=1e-9)
+    first = zres["candidates"][0]
+    # zero ablation here is the selection's own ablation, so the harmful score matches the saved one
+    assert first["zero"]["harmful_score"] == pytest.approx(first["selection_scores"]["ablation_score"], abs=1e-4)
+    assert len(first["train_projection_last_position"]["harmless"]) == len(zres["points"]) == 2 * 5 + 1
+    with pytest.raises(MechsafeError, match="not candidates"):
+        zp.main(["--model", str(model_dir), "--direction", str(run_dir / "direction"), "--candidates", "99:-1",
+                 "--runs-dir", str(tmp_path / "bad-zero")])
+    assert not (tmp_path / "bad-zero").exists()
+
+
+def test_affine_ablation_sets_the_component_at_every_read_point(tiny_model):
+    import torch
+
+    zp = _script("refusal_direction_zero_point")
+    torch.manual_seed(0)
+    r = torch.randn(tiny_model.cfg.d_model)
+    names = zp.residual_points(tiny_model)
+    reference = torch.linspace(-2.0, 3.0, len(names))
+    tokens = torch.randint(0, tiny_model.cfg.d_vocab, (2, 7))
+    with zp.affine_ablation(tiny_model, r, reference):
+        _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in tiny_model.hook_dict.values())
+    r_hat = r / r.norm()
+    for name, c in zip(names, reference):
+        assert torch.allclose(cache[name] @ r_hat, torch.full((2, 7), float(c)), atol=1e-4)
+    # zeros as the reference give the paper's directional ablation
+    with zp.affine_ablation(tiny_model, r, torch.zeros(len(names))):
+        affine = tiny_model(tokens)
+    with zp.iv.ablate_direction(tiny_model, r):
+        zero = tiny_model(tokens)
+    assert torch.allclose(affine, zero, atol=1e-4)
+    with pytest.raises(MechsafeError, match="one value per point"):
+        with zp.affine_ablation(tiny_model, r, torch.zeros(2)):
+            pass
