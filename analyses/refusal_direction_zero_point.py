@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 from typing import Iterator
 
@@ -119,11 +120,11 @@ def main(argv=None) -> int:
     rd = RefusalDirection.load(args.direction)
     if rd.candidates is None:
         raise MechsafeError(f"{args.direction} holds no candidates; use a direction saved by a selection run")
+    cands = _candidates(rd, args.candidates)  # checked before the model is loaded
     model = ms.load_model(args.model)
     if rd.meta.get("model") != ms.models.model_info(model).spec:
         raise MechsafeError(f"{args.direction} was selected on {rd.meta.get('model')!r}, not on {args.model!r}; "
                             "pass the model it was selected on")
-    cands = _candidates(rd, args.candidates)
     harmful, harmless = ms.data.load("harmful"), ms.data.load("harmless")
     hv, lv = harmful.split("val").texts[: args.n_val], harmless.split("val").texts[: args.n_val]
     system = rd.meta["config"].get("system")
@@ -202,4 +203,7 @@ def _report(args, results: dict, kl_threshold: float, n_layers: int) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        sys.exit(main())
+    except MechsafeError as exc:
+        sys.exit(f"error: {exc}")
