@@ -8,15 +8,17 @@ a saved selection (by default the selected one and the strongest, i.e. lowest ab
 the layer cutoff):
 
 * the mean projection on r̂ of TRAIN harmful and harmless prompts at the last prompt position, at
-  every block input and at the final residual;
+  every point where the stream is read (below);
 * on VALIDATION prompts (the first ``--n-val`` of each class): the mean refusal score of harmful and
   harmless prompts and the last-position KL(model ‖ intervened) on harmless prompts (mean, median,
   share above the threshold) with no intervention, with **zero ablation** (the paper's,
   ``mechsafe.interventions.ablate_direction``) and with **affine ablation** (Marshall et al., 2024,
   "Refusal in LLMs is an affine function"): ``x ← x − (x·r̂ − c) r̂`` wherever the stream is read
   (each block's attention and MLP input, and the final residual), at all positions, where ``c`` is
-  the harmless TRAIN mean projection at the last position at that point. Harmless prompts then keep their typical component and harmful ones are
-  moved to it.
+  the harmless TRAIN mean projection at the last position at that point. Harmless prompts then keep
+  their typical component and harmful ones are moved to it. The first position (the attention sink,
+  with no component along a sink-projected r̂) is shifted as well; skipping it changed the KL of the
+  aligned model's layer-23 candidate by 0.001 (measured with the block inputs only).
 
 Writes ``report.md``, ``results.json`` and ``run.json`` into ``runs/refusal-zero-point-<time>/``.
 

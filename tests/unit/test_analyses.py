@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import save_tiny_hf_llama
 
 from mechsafe.errors import MechsafeError
@@ -82,8 +83,6 @@ def test_refusal_direction_study_on_a_tiny_model(tmp_path, monkeypatch):
 
 
 def test_affine_ablation_sets_the_component_at_every_read_point(tiny_model):
-    import torch
-
     zp = _script("refusal_direction_zero_point")
     torch.manual_seed(0)
     r = torch.randn(tiny_model.cfg.d_model)
