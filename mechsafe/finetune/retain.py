@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from mechsafe import chat
 from mechsafe.evaluation.generation import unembed
-from mechsafe.finetune.sequences import TeacherForced, final_resid
+from mechsafe.finetune.sequences import TeacherForced, eval_mode, final_resid
 
 _EPS = 1e-7
 
@@ -46,10 +46,8 @@ def reference_topk(model: HookedTransformer, seqs: Sequence[TeacherForced], k: i
     """Top-``k`` next-token distributions of ``model`` at every predicting position of each sequence."""
     k = min(k, model.cfg.d_vocab)
     pad = chat.pad_id(model.tokenizer)
-    was_training = model.training
-    model.eval()
     out: list[Reference] = []
-    try:
+    with eval_mode(model):
         for start in range(0, len(seqs), batch_size):
             batch = list(seqs[start:start + batch_size])
             tokens, lengths = chat.pad_right([s.ids for s in batch], pad)
@@ -61,8 +59,6 @@ def reference_topk(model: HookedTransformer, seqs: Sequence[TeacherForced], k: i
             sizes = n_pos.tolist()
             out += [Reference(logp=v.cpu(), idx=i.cpu())
                     for v, i in zip(top.values.split(sizes), top.indices.split(sizes))]
-    finally:
-        model.train(was_training)
     return out
 
 

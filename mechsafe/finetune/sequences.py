@@ -14,8 +14,9 @@ For a batch with response masks ``m[b, t]`` (1 where token ``t`` of row ``b`` is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -125,6 +126,17 @@ def masked_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
     return torch.zeros(tokens.shape[0], device=device, dtype=nll.dtype).index_add(0, rows, nll)
 
 
+@contextlib.contextmanager
+def eval_mode(model: HookedTransformer) -> Iterator[HookedTransformer]:
+    """Put ``model`` in eval mode for the block and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def response_nll(model: HookedTransformer, examples: Sequence[tuple], batch_size: int = 8,
                  max_length: int = 256, system: str | None = None) -> Float[torch.Tensor, " n_examples"]:
@@ -136,15 +148,11 @@ def response_nll(model: HookedTransformer, examples: Sequence[tuple], batch_size
         raise MechsafeError(f"batch_size={batch_size} must be a positive integer")
     seqs = encode_examples(model.tokenizer, examples, max_length=max_length, system=system)
     pad = chat.pad_id(model.tokenizer)
-    was_training = model.training
-    model.eval()
     out = torch.empty(len(seqs))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    try:
+    with eval_mode(model):
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             tokens, mask = collate([seqs[i] for i in idx], pad)
             out[idx] = masked_nll(model, tokens, mask).cpu() / mask.sum(1)
-    finally:
-        model.train(was_training)
     return out
