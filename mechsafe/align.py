@@ -87,6 +87,9 @@ class AlignConfig:
     """Also teach the base model's answers to the bundled training-only harmless prompts
     (:func:`mechsafe.data.answer_prompts`: everyday, near-harm but benign and role-play requests). They
     cut validation over-refusal from 0.106 to 0.030 (``docs/align.md``)."""
+    refusal_prompts: bool = False
+    """Also teach refusals of the bundled training-only harmful requests (:func:`mechsafe.data.refusal_prompts`),
+    after the harmful TRAIN prompts (``harmful_limit`` does not apply to them)."""
     eval_split: str = "test"
     """Held-out split the report is computed on: ``test`` for the record, ``val`` while tuning."""
     eval_limit: int | None = None
@@ -167,12 +170,15 @@ def utility_prompts(split: str) -> list[dict[str, str]]:
             + [{"id": r["id"], "text": r["question"], "form": "utility"} for r in record_split(math_problems(), split)])
 
 
-def training_answer_prompts() -> list[dict[str, str]]:
-    """The bundled training-only harmless prompts (:func:`mechsafe.data.answer_prompts`) as prompt dicts of
-    form ``answer_prompts`` (they belong to no evaluation split)."""
-    from mechsafe.data import answer_prompts
+def training_only_prompts(kind: str) -> list[dict[str, str]]:
+    """The bundled training-only prompts (they belong to no evaluation split) as prompt dicts whose form is
+    the name of their file: ``answer_prompts`` (harmless, :func:`mechsafe.data.answer_prompts`) or
+    ``refusal_prompts`` (harmful, :func:`mechsafe.data.refusal_prompts`)."""
+    from mechsafe import data
 
-    return [{"id": r["id"], "text": r["text"], "form": "answer_prompts"} for r in answer_prompts()]
+    if kind not in ("answer_prompts", "refusal_prompts"):
+        raise MechsafeError(f"unknown training-only prompt set {kind!r}; use 'answer_prompts' or 'refusal_prompts'")
+    return [{"id": r["id"], "text": r["text"], "form": kind} for r in getattr(data, kind)()]
 
 
 def assign_refusals(n: int, seed: int = 0) -> list[str]:
@@ -229,7 +235,9 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
     if config.utility_prompts:
         harmless += utility_prompts("train")
     if config.answer_prompts:
-        harmless += training_answer_prompts()
+        harmless += training_only_prompts("answer_prompts")
+    if config.refusal_prompts:
+        harmful += training_only_prompts("refusal_prompts")
     pairs: list[tuple] = [(p["text"], r) for p, r in zip(harmful, assign_refusals(len(harmful), config.seed))]
     answers = base_answers(model, harmless, config.answer_tokens, run_dir, config.generate_batch_size, progress)
     kept = [p for p in harmless if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])]
@@ -241,7 +249,7 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
         answered.append((p["text"], text, complete))
     pairs += [ex for ex in answered for _ in range(config.harmless_repeat)]
     mix = {
-        "harmful": {f: sum(p["form"] == f for p in harmful) for f in ("question", "instruction")},
+        "harmful": {f: sum(p["form"] == f for p in harmful) for f in ("question", "instruction", "refusal_prompts")},
         "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction", "utility", "answer_prompts")},
         "harmless_repeat": config.harmless_repeat,
         "harmless_dropped_refused_or_empty": len(harmless) - len(kept),

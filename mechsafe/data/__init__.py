@@ -210,6 +210,13 @@ def answer_prompts() -> list[dict[str, Any]]:
     return [dict(r) for r in _read_suite("answer_prompts.jsonl")]
 
 
+def refusal_prompts() -> list[dict[str, Any]]:
+    """Bundled training-only harmful requests (``id``, ``text``, ``category``, ``form``) in the six harm
+    categories, for teaching a safety-tuned model what to refuse beyond the TRAIN split. They belong to no
+    evaluation split and share no prompt with the pools."""
+    return [dict(r) for r in _read_suite("refusal_prompts.jsonl")]
+
+
 def math_problems() -> list[dict[str, Any]]:
     """Bundled arithmetic word problems: dicts with ``id``, ``question`` and numeric ``answer``."""
     return [dict(r) for r in _read_suite("math.jsonl")]

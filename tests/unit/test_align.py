@@ -40,7 +40,7 @@ def test_refusals_are_varied_deterministic_and_cycled():
 def test_training_examples_cache_base_answers(tiny_model, tmp_path, monkeypatch):
     cfg = al.AlignConfig(harmful_limit=4, harmless_limit=4, answer_tokens=4, answer_prompts=False)
     pairs, mix = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
-    assert mix["harmful"] == {"question": 2, "instruction": 2}
+    assert mix["harmful"] == {"question": 2, "instruction": 2, "refusal_prompts": 0}
     assert len(pairs) == 4 + sum(mix["harmless"].values())
     assert all(r in refusals() for _, r in pairs[:4])
     cached = json.loads((tmp_path / al.ANSWERS_FILE).read_text())["answers"]
@@ -85,6 +85,21 @@ def test_answer_prompts_are_taught_only_when_asked(tiny_model, tmp_path):
     taught = {prompt for prompt, *_ in pairs} & extra
     assert mix["harmless"]["answer_prompts"] == len(taught) > len(extra) // 2
     assert pairs[:len(without)] == without
+
+
+def test_refusal_prompts_are_taught_refusals_after_the_train_pairs(tiny_model, tmp_path):
+    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, answer_prompts=False)
+    without, mix0 = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
+    pairs, mix = al.training_examples(dataclasses.replace(cfg, refusal_prompts=True), tiny_model, tmp_path,
+                                      progress=False)
+    extra = ms.data.refusal_prompts()
+    assert mix0["harmful"]["refusal_prompts"] == 0 and mix["harmful"]["refusal_prompts"] == len(extra)
+    assert pairs[:2] == without[:2] and pairs[2 + len(extra):] == without[2:]  # TRAIN pairs keep their targets
+    refusals = set(ms.data.refusals())
+    assert [p for p, _ in pairs[2:2 + len(extra)]] == [r["text"] for r in extra]
+    assert all(r in refusals for _, r in pairs[2:2 + len(extra)])
+    with pytest.raises(MechsafeError, match="training-only"):
+        al.training_only_prompts("harmful")
 
 
 def test_config_validation():

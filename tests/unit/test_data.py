@@ -27,16 +27,17 @@ def _content_words(text):
     return {w for w in words if len(w) > 2 and w not in ENGLISH_STOP_WORDS}
 
 
-def test_training_only_answer_prompts_are_disjoint_from_the_evaluation_pools():
-    extra = ms.data.answer_prompts()
-    assert len(extra) >= 250 and len({r["id"] for r in extra}) == len(extra)
+@pytest.mark.parametrize("kind, n_min, max_overlap", [("answer_prompts", 250, 0.5), ("refusal_prompts", 150, 1 / 3)])
+def test_training_only_prompts_are_disjoint_from_the_evaluation_pools(kind, n_min, max_overlap):
+    extra = getattr(ms.data, kind)()
+    assert len(extra) >= n_min and len({r["id"] for r in extra}) == len(extra)
     assert {r["form"] for r in extra} == {"question", "instruction"} and all(r["text"].strip() for r in extra)
     harmful, harmless = ms.data.load("harmful"), ms.data.load("harmless")
     held_out = [_content_words(t) for ps in (harmful, harmless) for t, s in zip(ps.texts, ps.splits) if s != "train"]
     assert not {r["text"] for r in extra} & set(harmful.texts + harmless.texts)
-    for r in extra:  # shares under half of its content words with every VAL/TEST prompt
+    for r in extra:  # shares under max_overlap of its content words with every VAL/TEST prompt
         w = _content_words(r["text"])
-        assert max(len(w & h) / min(len(w), len(h)) for h in held_out) < 0.5, r["id"]
+        assert max(len(w & h) / min(len(w), len(h)) for h in held_out) < max_overlap, r["id"]
 
 
 def test_splits_are_deterministic_stratified_and_shared_across_suites():
