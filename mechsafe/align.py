@@ -5,7 +5,8 @@ for studies of how safety breaks (drift, WaRP, MFS, refusal directions). :func:`
 it with LoRA (:mod:`mechsafe.finetune`) on the bundled TRAIN split:
 
 * every harmful prompt -> a refusal from :func:`mechsafe.data.refusals` (assigned by a seeded
-  permutation, so the targets vary and the run is reproducible);
+  permutation, so the targets vary and the run is reproducible); optionally also the training-only
+  harmful requests (:func:`mechsafe.data.refusal_prompts`);
 * every harmless prompt -> the base model's own greedy answer (``answer_tokens`` tokens, cached in
   the run dir so a resumed run reuses them); answers that the refusal matcher flags are dropped, so
   the base model's own over-refusals are not taught. Besides the harmless TRAIN pool, the
@@ -72,9 +73,10 @@ class AlignConfig:
     answer_tokens: int = 24
     """Longest base-model answer (tokens) used as the target for a harmless training prompt (the opening
     of an answer carries the comply-or-refuse decision; longer targets mostly add noise and cost)."""
-    harmful_limit: int | None = 112
-    """Use at most this many harmful TRAIN prompts (balanced over forms; None: all 168). Fewer refusal
-    than harmless examples (112 vs 193) lowered over-refusal on the validation split."""
+    harmful_limit: int | None = None
+    """Use at most this many harmful TRAIN prompts (balanced over forms; None: all 168). All 168 (t16)
+    refused more than 112 (t13) over three seeds, on VALIDATION and TEST, and over-refused more on TEST
+    (``docs/align.md``; ``harmful_limit=112`` gives t13 back)."""
     harmless_limit: int | None = None
     """Use at most this many harmless TRAIN prompts (balanced over forms; None: all)."""
     harmless_repeat: int = 1

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-limit", type=int, help="evaluate on at most N prompts per pool")
     p.add_argument("--eval-max-new-tokens", type=int, default=48, help="tokens per evaluation response (default: %(default)s)")
     p.add_argument("--no-utility", action="store_true", help="skip the arithmetic and reference-answer NLL metrics")
-    p.add_argument("--harmful-limit", type=int, default=112, help="use at most N harmful TRAIN prompts (default: %(default)s)")
+    p.add_argument("--harmful-limit", type=int, help="use at most N harmful TRAIN prompts (default: all 168)")
     p.add_argument("--harmless-limit", type=int, help="use at most N harmless TRAIN prompts")
     p.add_argument("--harmless-repeat", type=int, default=1,
                    help="show each harmless example N times per epoch (default: %(default)s)")
