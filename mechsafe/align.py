@@ -176,11 +176,12 @@ def training_only_prompts(kind: str) -> list[dict[str, str]]:
     """The bundled training-only prompts (they belong to no evaluation split) as prompt dicts whose form is
     the name of their file: ``answer_prompts`` (harmless, :func:`mechsafe.data.answer_prompts`) or
     ``refusal_prompts`` (harmful, :func:`mechsafe.data.refusal_prompts`)."""
-    from mechsafe import data
+    from mechsafe.data import answer_prompts, refusal_prompts
 
-    if kind not in ("answer_prompts", "refusal_prompts"):
-        raise MechsafeError(f"unknown training-only prompt set {kind!r}; use 'answer_prompts' or 'refusal_prompts'")
-    return [{"id": r["id"], "text": r["text"], "form": kind} for r in getattr(data, kind)()]
+    loaders = {"answer_prompts": answer_prompts, "refusal_prompts": refusal_prompts}
+    if kind not in loaders:
+        raise MechsafeError(f"unknown training-only prompt set {kind!r}; use one of {', '.join(loaders)}")
+    return [{"id": r["id"], "text": r["text"], "form": kind} for r in loaders[kind]()]
 
 
 def assign_refusals(n: int, seed: int = 0) -> list[str]:
