@@ -92,6 +92,10 @@ class AlignConfig:
     refusal_prompts: bool = False
     """Also teach refusals of the bundled training-only harmful requests (:func:`mechsafe.data.refusal_prompts`),
     after the harmful TRAIN prompts (``harmful_limit`` does not apply to them)."""
+    negative_words: int = 3
+    """With ``finetune.unlikelihood_weight > 0``: every harmless pair gets the first this many words of a
+    bundled refusal (assigned like the harmful pairs' targets) as a negative, an opening whose probability
+    after that prompt the unlikelihood term pushes down."""
     eval_split: str = "test"
     """Held-out split the report is computed on: ``test`` for the record, ``val`` while tuning."""
     eval_limit: int | None = None
@@ -110,7 +114,7 @@ class AlignConfig:
             self.finetune = FinetuneConfig(**self.finetune)
         if self.eval_split not in SPLITS or self.eval_split == "train":
             raise MechsafeError(f"eval_split={self.eval_split!r} must be 'val' or 'test' (held out from training)")
-        for name in ("answer_tokens", "eval_max_new_tokens", "generate_batch_size", "harmless_repeat"):
+        for name in ("answer_tokens", "eval_max_new_tokens", "generate_batch_size", "harmless_repeat", "negative_words"):
             if getattr(self, name) < 1:
                 raise MechsafeError(f"{name}={getattr(self, name)} must be a positive integer")
         for name in ("harmful_limit", "harmless_limit", "eval_limit"):
@@ -194,6 +198,11 @@ def assign_refusals(n: int, seed: int = 0) -> list[str]:
     while len(out) < n:
         out += [texts[i] for i in rng.permutation(len(texts))]
     return out[:n]
+
+
+def refusal_openings(n: int, words: int, seed: int = 0) -> list[str]:
+    """``n`` refusal openings: the first ``words`` words of :func:`assign_refusals`' targets."""
+    return [" ".join(r.split()[:words]) for r in assign_refusals(n, seed)]
 
 
 def base_answers(model, prompts: list[dict[str, str]], max_new_tokens: int, run_dir: Path, batch_size: int = 16,
@@ -352,11 +361,16 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
 
     t0 = time.perf_counter()
     # harmful pairs come first; with the retain term on, every harmless pair is held near the base model
-    retain = range(sum(mix["harmful"].values()), len(pairs)) if config.finetune.kl_weight > 0 else None
+    harmless = range(sum(mix["harmful"].values()), len(pairs))
+    retain = harmless if config.finetune.kl_weight > 0 else None
+    negatives = None
+    if config.finetune.unlikelihood_weight > 0:  # and the opening of a refusal is made unlikely after it
+        negatives = dict(zip(harmless, refusal_openings(len(harmless), config.negative_words, config.seed)))
     result = finetune(model, pairs, config.finetune, run_dir=run_dir / "finetune", resume=resume, progress=progress,
-                      retain=retain)
+                      retain=retain, negatives=negatives)
     timings["finetune"] = time.perf_counter() - t0
-    write_json(run_dir / "losses.json", {"losses": result.losses, "retain_kl": result.retain_kl})
+    write_json(run_dir / "losses.json", {"losses": result.losses, "retain_kl": result.retain_kl,
+                                         "unlikelihood": result.unlikelihood})
     save_model(result.model, out, base_model=config.model, align_config=config.to_dict(), run_dir=str(run_dir.resolve()),
                training_mix=mix, final_loss=result.losses[-1])
     logger.info("saved the aligned model to %s", out)

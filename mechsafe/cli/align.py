@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: on)")
     p.add_argument("--refusal-prompts", action=argparse.BooleanOptionalAction, default=False,
                    help="also train refusals of the bundled training-only harmful requests (default: off)")
+    p.add_argument("--negative-words", type=int, default=3,
+                   help="with the unlikelihood term on (--lora '{\"unlikelihood_weight\": 1}'): words of the refusal "
+                        "opening made unlikely after each harmless prompt (default: %(default)s)")
     p.add_argument("--answer-tokens", type=int, default=24, help="longest base answer used as a target (default: %(default)s)")
     p.add_argument("--batch-size-generate", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
     p.add_argument("--lora", metavar="JSON", help='overrides of the LoRA recipe, e.g. \'{"steps": 60, "lr": 3e-4, "layers": "all"}\'')
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
                          harmful_limit=args.harmful_limit, harmless_limit=args.harmless_limit,
                          harmless_repeat=args.harmless_repeat, utility_prompts=args.utility_prompts,
                          answer_prompts=args.answer_prompts, refusal_prompts=args.refusal_prompts,
+                         negative_words=args.negative_words,
                          eval_split=args.eval_split, eval_limit=args.eval_limit,
                          eval_max_new_tokens=args.eval_max_new_tokens, utility=not args.no_utility,
                          generate_batch_size=args.batch_size_generate, seed=args.seed)

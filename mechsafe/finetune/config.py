@@ -71,6 +71,10 @@ class FinetuneConfig:
     kl_top_k: int = 64
     """Reference distributions of the retain term keep their ``kl_top_k`` most probable tokens plus one
     bucket for the rest (the KL is exact when this covers the vocabulary)."""
+    unlikelihood_weight: float = 0.0
+    """Weight of the unlikelihood term: ``-log(1 - p(negative | prompt))`` for the responses passed as
+    ``finetune(negatives=...)``, averaged over those examples (:func:`mechsafe.finetune.sequences.unlikelihood`);
+    0: off."""
     callback_every: int = 1
     """Call ``callback(step, model)`` every this many steps (also before the first and after the last)."""
     merge: bool = True
@@ -100,6 +104,9 @@ class FinetuneConfig:
             raise MechsafeError(f"lr={self.lr} must be a positive number, e.g. 2e-4")
         if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
             raise MechsafeError(f"kl_weight={self.kl_weight} must be a non-negative number (0 turns the retain term off)")
+        if not (self.unlikelihood_weight >= 0 and math.isfinite(self.unlikelihood_weight)):
+            raise MechsafeError(f"unlikelihood_weight={self.unlikelihood_weight} must be a non-negative number "
+                                "(0 turns the unlikelihood term off)")
         if self.weight_decay < 0:
             raise MechsafeError(f"weight_decay={self.weight_decay} must be >= 0")
         if self.steps is not None and self.epochs is not None:

@@ -15,6 +15,7 @@ For a batch with response masks ``m[b, t]`` (1 where token ``t`` of row ``b`` is
 from __future__ import annotations
 
 import contextlib
+import math
 import dataclasses
 from typing import Iterator, Sequence
 
@@ -124,6 +125,18 @@ def masked_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
     nll = torch.nn.functional.cross_entropy(logits.float(), tokens[:, 1:].to(device)[sel], reduction="none")
     rows = torch.arange(tokens.shape[0], device=device)[:, None].expand_as(sel)[sel]
     return torch.zeros(tokens.shape[0], device=device, dtype=nll.dtype).index_add(0, rows, nll)
+
+
+def unlikelihood(seq_nll: Float[torch.Tensor, " n"]) -> Float[torch.Tensor, " n"]:
+    """Sequence-level unlikelihood ``-log(1 - p)`` of sequences whose probability is ``p = exp(-seq_nll)``.
+
+    Zero where the sequence is already improbable and steep where it is likely, so minimizing it only
+    pushes down continuations the model would actually produce (Welleck et al., 2019, applied to a whole
+    response opening instead of single tokens).
+    """
+    s = seq_nll.clamp(min=1e-6)  # p = 1 would give an infinite loss
+    # log(1 - e^-s), accurate for both small and large p (Maechler, 2012): expm1 near p = 1, log1p near p = 0
+    return -torch.where(s < math.log(2), torch.log(-torch.expm1(-s)), torch.log1p(-torch.exp(-s)))
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ losses so far and the RNG state.
 Run-directory layout (when ``run_dir`` is given)::
 
     run_dir/run.json                       config, versions, seed, weight processing, timings
-    run_dir/losses.json                    loss per optimizer step (and retain KL, when on)
+    run_dir/losses.json                    loss per optimizer step (and the retain KL and unlikelihood, when on)
     run_dir/checkpoints/step-000050/       adapter.safetensors, optimizer.pt, rng.pt, state.json
 """
 
@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +30,8 @@ from mechsafe.errors import MechsafeError
 from mechsafe.finetune.config import FinetuneConfig
 from mechsafe.finetune.lora import attach_lora, load_lora_state, lora_state, merge_lora, remove_lora
 from mechsafe.finetune.retain import Reference, reference_topk, retain_kl_sum
-from mechsafe.finetune.sequences import TeacherForced, check_examples, collate, encode_examples, final_resid, masked_nll
+from mechsafe.finetune.sequences import (TeacherForced, check_examples, collate, encode_examples, final_resid, masked_nll,
+                                         unlikelihood)
 from mechsafe.models import model_info
 from mechsafe.runs import atomic_dir, read_json, stable_hash, write_json, write_run_manifest
 
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 _KEEP_CHECKPOINTS = 2
 _RESUME_IRRELEVANT = ("checkpoint_every", "callback_every", "merge")
+TERMS = ("retain_kl", "unlikelihood")
+"""Extra loss terms whose per-step means are recorded (when the term is on)."""
 
 Callback = Callable[[int, HookedTransformer], Any]
 
@@ -68,6 +71,9 @@ class FinetuneResult:
     retain_kl: list[float | None] = dataclasses.field(default_factory=list)
     """Mean retain-term KL per retained position of every optimizer step (``None`` for a step without a
     retained example; empty when ``kl_weight`` is 0)."""
+    unlikelihood: list[float | None] = dataclasses.field(default_factory=list)
+    """Mean unlikelihood per negative of every optimizer step (``None`` for a step without one; empty when
+    ``unlikelihood_weight`` is 0)."""
 
     def merge(self) -> HookedTransformer:
         """Merge the adapters now (when ``config.merge`` was False) and return the plain model."""
@@ -77,29 +83,46 @@ class FinetuneResult:
         return self.model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"losses": self.losses, "retain_kl": self.retain_kl, "config": self.config.to_dict(), "steps": self.steps,
+        return {"losses": self.losses, "retain_kl": self.retain_kl, "unlikelihood": self.unlikelihood, "config": self.config.to_dict(), "steps": self.steps,
                 "merged": self.merged, "resumed_from": self.resumed_from, "seconds": round(self.seconds, 3),
                 "run_dir": str(self.run_dir) if self.run_dir else None}
 
 
-def _fingerprint(config: FinetuneConfig, examples: Sequence[tuple], system: str | None, retain: list[int]) -> str:
+def _fingerprint(config: FinetuneConfig, examples: Sequence[tuple], system: str | None, retain: list[int],
+                 negatives: dict[int, str]) -> str:
     relevant = {k: v for k, v in config.to_dict().items() if k not in _RESUME_IRRELEVANT}
-    return stable_hash({"config": relevant, "examples": [list(e) for e in examples], "system": system,
-                        "retain": retain}, 20)
+    data = {"config": relevant, "examples": [list(e) for e in examples], "system": system, "retain": retain}
+    if negatives:  # absent when off, so checkpoints written before the term existed still resume
+        data["negatives"] = sorted(negatives.items())
+    return stable_hash(data, 20)
+
+
+def _check_term(name: str, indices: list[int], n: int, weight_name: str, weight: float, what: str) -> None:
+    """Errors (naming the fix) for the examples of an extra loss term and its weight."""
+    if indices and not 0 <= min(indices) <= max(indices) < n:
+        raise MechsafeError(f"{name} holds indices outside the {n} examples; pass indices in 0..{n - 1}")
+    if weight > 0 and not indices:
+        raise MechsafeError(f"{weight_name}={weight} needs {what}; pass {name}=... or set {weight_name}=0")
+    if indices and weight == 0:
+        raise MechsafeError(f"{name}=... was given but {weight_name}=0 turns its term off; "
+                            f"set FinetuneConfig({weight_name}=...) or drop {name}")
 
 
 def _check_retain(retain: Sequence[int] | None, n: int, config: FinetuneConfig) -> list[int]:
     """The retained example indices, sorted; errors name the fix."""
     retain = sorted({int(i) for i in retain}) if retain is not None else []
-    if retain and not 0 <= retain[0] <= retain[-1] < n:
-        raise MechsafeError(f"retain holds indices outside the {n} examples; pass indices in 0..{n - 1}")
-    if config.kl_weight > 0 and not retain:
-        raise MechsafeError(f"kl_weight={config.kl_weight} needs examples to retain; pass retain=[indices] "
-                            "or set kl_weight=0")
-    if retain and config.kl_weight == 0:
-        raise MechsafeError("retain examples were given but kl_weight=0 turns the retain term off; "
-                            "set FinetuneConfig(kl_weight=...) or drop retain")
+    _check_term("retain", retain, n, "kl_weight", config.kl_weight, "examples to retain")
     return retain
+
+
+def _check_negatives(negatives: Mapping[int, str] | None, n: int, config: FinetuneConfig) -> dict[int, str]:
+    """The negatives by example index; errors name the fix."""
+    negatives = {int(i): text for i, text in (negatives or {}).items()}
+    _check_term("negatives", list(negatives), n, "unlikelihood_weight", config.unlikelihood_weight,
+                "negative responses")
+    if not all(isinstance(t, str) and t.strip() for t in negatives.values()):
+        raise MechsafeError("negatives must map example indices to non-empty response texts; fix the data")
+    return negatives
 
 
 def example_order(step: int, config: FinetuneConfig, n: int) -> list[list[int]]:
@@ -129,8 +152,8 @@ def _checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file())
 
 
-def _save_checkpoint(run_dir: Path, step: int, total: int, losses: list[float], kls: list[float | None], fingerprint: str,
-                     model: HookedTransformer, optimizer: torch.optim.Optimizer) -> Path:
+def _save_checkpoint(run_dir: Path, step: int, total: int, losses: list[float], terms: dict[str, list[float | None]],
+                     fingerprint: str, model: HookedTransformer, optimizer: torch.optim.Optimizer) -> Path:
     from safetensors.torch import save_file
 
     final = run_dir / CHECKPOINTS / f"step-{step:06d}"
@@ -138,16 +161,16 @@ def _save_checkpoint(run_dir: Path, step: int, total: int, losses: list[float], 
         save_file({k: v.contiguous() for k, v in lora_state(model).items()}, str(tmp / "adapter.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        write_json(tmp / "state.json", {"step": step, "total_steps": total, "losses": losses, "retain_kl": kls,
+        write_json(tmp / "state.json", {"step": step, "total_steps": total, "losses": losses, **terms,
                                         "fingerprint": fingerprint})
     for old in _checkpoint_dirs(run_dir)[:-_KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
-    write_json(run_dir / "losses.json", {"step": step, "losses": losses, "retain_kl": kls})
+    write_json(run_dir / "losses.json", {"step": step, "losses": losses, **terms})
     return final
 
 
 def _load_checkpoint(ckpt: Path, fingerprint: str, model: HookedTransformer,
-                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float], list[float | None]]:
+                     optimizer: torch.optim.Optimizer) -> tuple[int, list[float], dict[str, list[float | None]]]:
     from safetensors.torch import load_file
 
     state = read_json(ckpt / "state.json")
@@ -157,18 +180,21 @@ def _load_checkpoint(ckpt: Path, fingerprint: str, model: HookedTransformer,
     load_lora_state(model, load_file(str(ckpt / "adapter.safetensors")))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch"])
-    kls = [None if x is None else float(x) for x in state.get("retain_kl", [])]
-    return int(state["step"]), [float(x) for x in state["losses"]], kls
+    terms = {name: [None if x is None else float(x) for x in state.get(name, [])] for name in TERMS}
+    return int(state["step"]), [float(x) for x in state["losses"]], terms
 
 
 def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[int]], pad: int,
-          refs: dict[int, Reference], kl_weight: float) -> tuple[float, float | None]:
-    """Forward/backward of one optimizer step: gradients of the token-weighted mean response NLL plus
-    ``kl_weight`` times the mean retain KL over the retained positions of the step. Returns both means
-    (the KL is ``None`` when the step holds no retained example)."""
+          refs: dict[int, Reference], negs: dict[int, TeacherForced],
+          config: FinetuneConfig) -> tuple[float, dict[str, float | None]]:
+    """Forward/backward of one optimizer step: gradients of the token-weighted mean response NLL, plus
+    ``kl_weight`` times the mean retain KL over the retained positions of the step, plus
+    ``unlikelihood_weight`` times the mean unlikelihood of the step's negatives. Returns the mean NLL and
+    the mean of each term (``None`` when the step holds no example of it)."""
     n_tokens = sum(len(seqs[i]) - seqs[i].prompt_len for mb in micro for i in mb)
-    n_kl = sum(refs[i].logp.shape[0] for mb in micro for i in mb if i in refs)
-    nll_total = kl_total = 0.0
+    counts = {"retain_kl": sum(refs[i].logp.shape[0] for mb in micro for i in mb if i in refs),
+              "unlikelihood": sum(i in negs for mb in micro for i in mb)}
+    nll_total, totals = 0.0, dict.fromkeys(TERMS, 0.0)
     for mb in micro:
         tokens, mask = collate([seqs[i] for i in mb], pad)
         resid = final_resid(model, tokens)
@@ -177,17 +203,23 @@ def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[
         rows = [r for r, i in enumerate(mb) if i in refs]
         if rows:
             kl_sum = retain_kl_sum(model, resid, rows, [refs[mb[r]] for r in rows])
-            loss = loss + kl_weight * kl_sum / n_kl
-            kl_total += float(kl_sum.detach())
+            loss = loss + config.kl_weight * kl_sum / counts["retain_kl"]
+            totals["retain_kl"] += float(kl_sum.detach())
+        negative = [negs[i] for i in mb if i in negs]
+        if negative:  # the opening of a response the model should not give, after the same prompt
+            neg_tokens, neg_mask = collate(negative, pad)
+            ul_sum = unlikelihood(masked_nll(model, neg_tokens, neg_mask)).sum()
+            loss = loss + config.unlikelihood_weight * ul_sum / counts["unlikelihood"]
+            totals["unlikelihood"] += float(ul_sum.detach())
         loss.backward()
         nll_total += float(nll_sum.detach())
-    return nll_total / n_tokens, (kl_total / n_kl if n_kl else None)
+    return nll_total / n_tokens, {k: totals[k] / counts[k] if counts[k] else None for k in TERMS}
 
 
 def finetune(model: HookedTransformer, examples: Sequence[tuple], config: FinetuneConfig | None = None,
              run_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
              callback: Callback | None = None, system: str | None = None,
-             retain: Sequence[int] | None = None) -> FinetuneResult:
+             retain: Sequence[int] | None = None, negatives: Mapping[int, str] | None = None) -> FinetuneResult:
     """LoRA fine-tune ``model`` (in place) on (prompt, response) pairs; loss on response tokens only.
 
     Args:
@@ -206,6 +238,9 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
         retain: indices of examples whose next-token distributions (at every position) are held near
             those of the model before training by the retain term (``config.kl_weight``, see
             :mod:`mechsafe.finetune.retain`); they are trained on their responses as usual too.
+        negatives: ``{example index: response}``: a response (typically the opening of one) that should
+            not follow that example's prompt; with ``config.unlikelihood_weight`` the loss gains the mean
+            :func:`~mechsafe.finetune.sequences.unlikelihood` of these responses (no end of turn is appended).
     """
     config = config or FinetuneConfig()
     examples = check_examples(examples)
@@ -217,18 +252,24 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
         raise MechsafeError(f"a sequence is longer than the model's context ({model.cfg.n_ctx}); lower max_length")
     total = config.total_steps(len(seqs))
     retain = _check_retain(retain, len(seqs), config)
-    fingerprint = _fingerprint(config, examples, system, retain)
+    negatives = _check_negatives(negatives, len(seqs), config)
+    fingerprint = _fingerprint(config, examples, system, retain, negatives)
     run_dir = Path(run_dir) if run_dir is not None else None
     refs: dict[int, Reference] = {}
     if retain:  # the model is still the one before training
         refs = dict(zip(retain, reference_topk(model, [seqs[i] for i in retain], config.kl_top_k)))
+    negs: dict[int, TeacherForced] = {}
+    if negatives:
+        pairs = [(examples[i][0], text, False) for i, text in negatives.items()]
+        negs = dict(zip(negatives, encode_examples(model.tokenizer, pairs, max_length=config.max_length, system=system)))
+    enabled = {"retain_kl": bool(refs), "unlikelihood": bool(negs)}
 
     tuner = attach_lora(model, config)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    step, losses, kls = 0, [], []
+    step, losses, terms = 0, [], {name: [] for name in TERMS}
     if run_dir is not None and resume and _checkpoint_dirs(run_dir):
-        step, losses, kls = _load_checkpoint(_checkpoint_dirs(run_dir)[-1], fingerprint, model, optimizer)
+        step, losses, terms = _load_checkpoint(_checkpoint_dirs(run_dir)[-1], fingerprint, model, optimizer)
         logger.info("resumed from step %d of %d in %s", step, total, run_dir)
         if step > total:
             raise MechsafeError(f"{run_dir} holds a checkpoint past the last step ({step} > {total}); use a new run dir")
@@ -244,18 +285,19 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step, total)
             optimizer.zero_grad(set_to_none=True)
-            loss, kl = _step(model, seqs, example_order(step, config, len(seqs)), pad, refs, config.kl_weight)
+            loss, means = _step(model, seqs, example_order(step, config, len(seqs)), pad, refs, negs, config)
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             step += 1
             losses.append(loss)
-            if refs:
-                kls.append(kl)
+            for name in TERMS:
+                if enabled[name]:
+                    terms[name].append(means[name])
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", **({"kl": f"{kl:.4f}"} if kl is not None else {}))
+            bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.4f}" for k, v in means.items() if v is not None})
             if run_dir is not None and (step == total or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                _save_checkpoint(run_dir, step, total, losses, kls, fingerprint, model, optimizer)
+                _save_checkpoint(run_dir, step, total, losses, terms, fingerprint, model, optimizer)
             if callback is not None and (step % config.callback_every == 0 or step == total):
                 callback(step, model)
     except BaseException:
@@ -272,12 +314,12 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
         tuner = None
     seconds = time.perf_counter() - t0
     result = FinetuneResult(model=model, losses=losses, config=config, steps=step, merged=merged,
-                            resumed_from=resumed_from, seconds=seconds, run_dir=run_dir, lora=tuner, retain_kl=kls)
+                            resumed_from=resumed_from, seconds=seconds, run_dir=run_dir, lora=tuner, **terms)
     if run_dir is not None:
-        write_json(run_dir / "losses.json", {"step": step, "losses": losses, "retain_kl": kls})
+        write_json(run_dir / "losses.json", {"step": step, "losses": losses, **terms})
         write_run_manifest(run_dir, command="finetune", config=config.to_dict(), seed=config.seed,
                            processing=model_info(model).processing, timings={"finetune": round(seconds, 3)},
                            extra={"model": model_info(model).to_dict(), "n_examples": len(examples),
-                                  "n_retain": len(retain), "fingerprint": fingerprint, "resumed_from": resumed_from, "steps": step,
+                                  "n_retain": len(retain), "n_negatives": len(negs), "fingerprint": fingerprint, "resumed_from": resumed_from, "steps": step,
                                   "final_loss": losses[-1] if losses else None})
     return result

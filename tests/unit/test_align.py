@@ -102,6 +102,13 @@ def test_refusal_prompts_are_taught_refusals_after_the_train_pairs(tiny_model, t
         al.training_only_prompts("harmful")
 
 
+def test_refusal_openings_are_the_first_words_of_bundled_refusals():
+    openings = al.refusal_openings(100, 3, seed=1)
+    starts = {" ".join(r.split()[:3]) for r in ms.data.refusals()}
+    assert len(openings) == 100 and set(openings) <= starts and len(set(openings)) > 20
+    assert all(len(o.split()) == 3 for o in openings) and openings == al.refusal_openings(100, 3, seed=1)
+
+
 def test_config_validation():
     with pytest.raises(MechsafeError, match="eval_split"):
         al.AlignConfig(eval_split="train")
@@ -109,6 +116,8 @@ def test_config_validation():
         al.AlignConfig(eval_limit=1)
     with pytest.raises(MechsafeError, match="harmless_repeat"):
         al.AlignConfig(harmless_repeat=0)
+    with pytest.raises(MechsafeError, match="negative_words"):
+        al.AlignConfig(negative_words=0)
     assert isinstance(al.AlignConfig(finetune={"steps": 3}).finetune, FinetuneConfig)
 
 
@@ -125,7 +134,8 @@ def test_harmless_repeat_duplicates_only_harmless_examples(tiny_model, tmp_path)
 
 
 def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):
-    ft = FinetuneConfig(steps=3, batch_size=4, lr=1e-2, checkpoint_every=2, max_length=400, kl_weight=1.0)
+    ft = FinetuneConfig(steps=3, batch_size=4, lr=1e-2, checkpoint_every=2, max_length=400, kl_weight=1.0,
+                        unlikelihood_weight=1.0)
     cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
                          answer_prompts=False, eval_split="val", eval_limit=4, eval_max_new_tokens=4, utility=False)
     out = tmp_path / "aligned"
@@ -137,10 +147,11 @@ def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):
     for name in ("run.json", "eval.json", "report.md", "losses.json", "training_mix.json", al.ANSWERS_FILE):
         assert (tmp_path / "run" / name).is_file(), name
     assert len(result.losses) == 3
-    # the retain term holds exactly the harmless pairs (they follow the harmful ones)
+    # the retain and unlikelihood terms hold exactly the harmless pairs (they follow the harmful ones)
     mix, fin = read_json(tmp_path / "run" / "training_mix.json"), read_json(tmp_path / "run" / "finetune" / "run.json")
-    assert fin["n_retain"] == mix["n_examples"] - sum(mix["harmful"].values()) > 0
-    assert len(read_json(tmp_path / "run" / "losses.json")["retain_kl"]) == 3
+    assert fin["n_retain"] == fin["n_negatives"] == mix["n_examples"] - sum(mix["harmful"].values()) > 0
+    losses = read_json(tmp_path / "run" / "losses.json")
+    assert len(losses["retain_kl"]) == len(losses["unlikelihood"]) == 3
     ev = result.evaluation
     assert ev["split"] == "val" and ev["aligned"]["n_harmful"] == 4 and ev["base"]["n_harmless"] == 4
     assert 0 <= ev["aligned"]["refusal_rate"]["value"] <= 1 and ev["aligned"]["kl_harmless"] is not None

@@ -10,7 +10,7 @@ from mechsafe.errors import MechsafeError
 from mechsafe.finetune import (FinetuneConfig, adapted_weight, attach_lora, encode_examples, example_order, finetune,
                                has_lora, merge_lora, response_nll)
 from mechsafe.finetune.retain import coarse_kl, reference_topk, retain_kl_sum
-from mechsafe.finetune.sequences import collate, final_resid, masked_nll
+from mechsafe.finetune.sequences import collate, final_resid, masked_nll, unlikelihood
 from mechsafe.models import model_info
 
 from conftest import make_tiny_model
@@ -99,10 +99,13 @@ def test_training_lowers_the_response_loss(tiny_model):
 
 @pytest.mark.parametrize("kl_weight", [0.0, 1.0])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, kl_weight):
-    cfg = FinetuneConfig(steps=6, batch_size=4, lr=5e-3, checkpoint_every=2, targets=ALL, kl_weight=kl_weight)
+    cfg = FinetuneConfig(steps=6, batch_size=4, lr=5e-3, checkpoint_every=2, targets=ALL, kl_weight=kl_weight,
+                         unlikelihood_weight=kl_weight)
     retain = [0] if kl_weight else None  # some steps hold no retained example
+    negatives = {1: "no", 2: "dog"} if kl_weight else None
+    kw = dict(progress=False, retain=retain, negatives=negatives)
     straight = make_tiny_model()
-    r1 = finetune(straight, EXAMPLES, cfg, progress=False, retain=retain)
+    r1 = finetune(straight, EXAMPLES, cfg, **kw)
 
     class Crash(Exception):
         pass
@@ -113,11 +116,12 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, kl_weight):
 
     interrupted = make_tiny_model()
     with pytest.raises(Crash):
-        finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, progress=False, callback=crash_at_3, retain=retain)
+        finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, callback=crash_at_3, **kw)
     assert not has_lora(interrupted)  # a failed run leaves the model as it came
-    r2 = finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, progress=False, retain=retain)
-    assert r2.resumed_from == 2 and r2.losses == r1.losses and r2.retain_kl == r1.retain_kl
-    assert (None in r1.retain_kl) == bool(kl_weight)
+    r2 = finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, **kw)
+    assert r2.resumed_from == 2 and r2.losses == r1.losses
+    assert r2.retain_kl == r1.retain_kl and r2.unlikelihood == r1.unlikelihood
+    assert (None in r1.retain_kl) == (None in r1.unlikelihood) == bool(kl_weight)
     for (name, a), b in zip(straight.state_dict().items(), interrupted.state_dict().values()):
         assert torch.equal(a, b), name
     assert (tmp_path / "run.json").is_file() and (tmp_path / "losses.json").is_file()
@@ -282,3 +286,51 @@ def test_finetuned_model_saves_and_loads_with_identical_logits(hf_dir, tmp_path)
     with torch.no_grad():
         assert torch.equal(back(TOKENS), model(TOKENS))
     assert model_info(back).extra["note"] == "lora" and model_info(back).extra["base_model"] == str(hf_dir)
+
+
+def test_unlikelihood_is_minus_log_one_minus_p():
+    p = torch.tensor([1e-9, 0.1, 0.5, 0.9, 0.999])
+    torch.testing.assert_close(unlikelihood(-torch.log(p)), -torch.log(1 - p), rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(unlikelihood(torch.zeros(1))).all()  # p = 1 is clamped, not infinite
+
+
+def test_unlikelihood_term_starts_at_the_hand_computed_value_and_lowers_the_negatives():
+    negatives = {0: "hi!", 3: "goodbye", 5: "1 2 3"}  # their own targets: training makes them probable
+    tok = make_tiny_model().tokenizer
+    seqs = encode_examples(tok, [(EXAMPLES[i][0], text, False) for i, text in negatives.items()])
+    assert all(s.ids[-1] != tok.convert_tokens_to_ids(chat.end_of_turn(tok)) for s in seqs)  # no end of turn
+
+    def mean_unlikelihood(model):  # mean -log(1 - p(negative | prompt))
+        tokens, mask = collate(seqs, chat.pad_id(tok))
+        with torch.no_grad():
+            logp = -masked_nll(model, tokens, mask)
+        return float((-torch.log1p(-logp.exp())).mean())
+
+    expected_first = mean_unlikelihood(make_tiny_model())
+    end = {}
+    for weight in (0.0, 5.0):
+        model = make_tiny_model()
+        cfg = FinetuneConfig(steps=40, batch_size=6, lr=3e-2, unlikelihood_weight=weight)
+        result = finetune(model, EXAMPLES, cfg, progress=False, negatives=negatives if weight else None)
+        end[weight] = mean_unlikelihood(model)
+        if weight:  # one batch holds every example, so step 0 sees all negatives at the untrained model
+            assert len(result.unlikelihood) == 40 and result.unlikelihood[0] == pytest.approx(expected_first, rel=1e-4)
+        else:
+            assert result.unlikelihood == []
+    assert end[0.0] > 10 * expected_first and end[5.0] < 0.75 * end[0.0], (expected_first, end)
+
+
+def test_negative_arguments_are_checked(tiny_model):
+    with pytest.raises(MechsafeError, match="needs negative responses"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, unlikelihood_weight=1.0), progress=False)
+    with pytest.raises(MechsafeError, match="unlikelihood_weight=0"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1), progress=False, negatives={0: "no"})
+    with pytest.raises(MechsafeError, match="outside"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, unlikelihood_weight=1.0), progress=False,
+                 negatives={9: "no"})
+    with pytest.raises(MechsafeError, match="non-empty"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, unlikelihood_weight=1.0), progress=False,
+                 negatives={0: " "})
+    with pytest.raises(MechsafeError, match="unlikelihood_weight"):
+        FinetuneConfig(unlikelihood_weight=float("nan"))
+    assert not has_lora(tiny_model)
