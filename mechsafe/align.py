@@ -89,6 +89,9 @@ class AlignConfig:
     """Also teach the base model's answers to the bundled training-only harmless prompts
     (:func:`mechsafe.data.answer_prompts`: everyday, near-harm but benign and role-play requests). They
     cut validation over-refusal from 0.106 to 0.030 (``docs/align.md``)."""
+    twin_prompts: bool = False
+    """Also teach the base model's answers to the bundled benign twins of the harmful TRAIN prompts
+    (:func:`mechsafe.data.twin_prompts`: the same framing around a harmless request)."""
     refusal_prompts: bool = False
     """Also teach refusals of the bundled training-only harmful requests (:func:`mechsafe.data.refusal_prompts`),
     after the harmful TRAIN prompts (``harmful_limit`` does not apply to them)."""
@@ -178,11 +181,11 @@ def utility_prompts(split: str) -> list[dict[str, str]]:
 
 def training_only_prompts(kind: str) -> list[dict[str, str]]:
     """The bundled training-only prompts (they belong to no evaluation split) as prompt dicts whose form is
-    the name of their file: ``answer_prompts`` (harmless, :func:`mechsafe.data.answer_prompts`) or
-    ``refusal_prompts`` (harmful, :func:`mechsafe.data.refusal_prompts`)."""
-    from mechsafe.data import answer_prompts, refusal_prompts
+    the name of their file: ``answer_prompts`` and ``twin_prompts`` (harmless, :func:`mechsafe.data.answer_prompts`,
+    :func:`mechsafe.data.twin_prompts`) or ``refusal_prompts`` (harmful, :func:`mechsafe.data.refusal_prompts`)."""
+    from mechsafe.data import answer_prompts, refusal_prompts, twin_prompts
 
-    loaders = {"answer_prompts": answer_prompts, "refusal_prompts": refusal_prompts}
+    loaders = {"answer_prompts": answer_prompts, "twin_prompts": twin_prompts, "refusal_prompts": refusal_prompts}
     if kind not in loaders:
         raise MechsafeError(f"unknown training-only prompt set {kind!r}; use one of {', '.join(loaders)}")
     return [{"id": r["id"], "text": r["text"], "form": kind} for r in loaders[kind]()]
@@ -248,6 +251,8 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
         harmless += utility_prompts("train")
     if config.answer_prompts:
         harmless += training_only_prompts("answer_prompts")
+    if config.twin_prompts:
+        harmless += training_only_prompts("twin_prompts")
     if config.refusal_prompts:
         harmful += training_only_prompts("refusal_prompts")
     pairs: list[tuple] = [(p["text"], r) for p, r in zip(harmful, assign_refusals(len(harmful), config.seed))]
@@ -262,7 +267,7 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
     pairs += [ex for ex in answered for _ in range(config.harmless_repeat)]
     mix = {
         "harmful": {f: sum(p["form"] == f for p in harmful) for f in ("question", "instruction", "refusal_prompts")},
-        "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction", "utility", "answer_prompts")},
+        "harmless": {f: sum(p["form"] == f for p in kept) for f in ("question", "instruction", "utility", "answer_prompts", "twin_prompts")},
         "harmless_repeat": config.harmless_repeat,
         "harmless_dropped_refused_or_empty": len(harmless) - len(kept),
         "harmless_cut_short": sum(not complete for *_, complete in answered),

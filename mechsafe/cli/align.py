@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answer-prompts", action=argparse.BooleanOptionalAction, default=True,
                    help="also train on the base model's answers to the bundled training-only harmless prompts "
                         "(default: on)")
+    p.add_argument("--twin-prompts", action=argparse.BooleanOptionalAction, default=False,
+                   help="also train on the base model's answers to the bundled benign twins of the harmful TRAIN "
+                        "prompts (default: off)")
     p.add_argument("--refusal-prompts", action=argparse.BooleanOptionalAction, default=False,
                    help="also train refusals of the bundled training-only harmful requests (default: off)")
     p.add_argument("--negative-words", type=int, default=3,
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                          harmful_limit=args.harmful_limit, harmless_limit=args.harmless_limit,
                          harmless_repeat=args.harmless_repeat, utility_prompts=args.utility_prompts,
                          answer_prompts=args.answer_prompts, refusal_prompts=args.refusal_prompts,
-                         negative_words=args.negative_words,
+                         twin_prompts=args.twin_prompts, negative_words=args.negative_words,
                          eval_split=args.eval_split, eval_limit=args.eval_limit,
                          eval_max_new_tokens=args.eval_max_new_tokens, utility=not args.no_utility,
                          generate_batch_size=args.batch_size_generate, seed=args.seed)

@@ -217,6 +217,14 @@ def refusal_prompts() -> list[dict[str, Any]]:
     return [dict(r) for r in _read_suite("refusal_prompts.jsonl")]
 
 
+def twin_prompts() -> list[dict[str, Any]]:
+    """Bundled training-only benign twins of the harmful TRAIN prompts (``id``, ``text``, ``twin_of``,
+    ``form``): each keeps one harmful prompt's form, length and framing (backstory, role-play, jailbreak-style
+    wrapper, step-by-step phrasing) around a harmless request, for teaching a safety-tuned model to answer
+    what only looks like a harmful request. They belong to no evaluation split and share no prompt with the pools."""
+    return [dict(r) for r in _read_suite("twin_prompts.jsonl")]
+
+
 def math_problems() -> list[dict[str, Any]]:
     """Bundled arithmetic word problems: dicts with ``id``, ``question`` and numeric ``answer``."""
     return [dict(r) for r in _read_suite("math.jsonl")]

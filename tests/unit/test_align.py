@@ -75,15 +75,16 @@ def test_utility_prompts_are_split_and_taught_when_asked(tiny_model, tmp_path):
     assert len(pairs) == 2 + sum(mix["harmless"].values())
 
 
-def test_answer_prompts_are_taught_only_when_asked(tiny_model, tmp_path):
+@pytest.mark.parametrize("kind", ["answer_prompts", "twin_prompts"])
+def test_training_only_harmless_prompts_are_taught_only_when_asked(tiny_model, tmp_path, kind):
     cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, answer_prompts=False)
     without, mix0 = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
-    extra = {r["text"] for r in ms.data.answer_prompts()}
-    assert mix0["harmless"]["answer_prompts"] == 0 and not {p for p, *_ in without} & extra
-    pairs, mix = al.training_examples(dataclasses.replace(cfg, answer_prompts=True), tiny_model, tmp_path,
+    extra = {r["text"] for r in getattr(ms.data, kind)()}
+    assert mix0["harmless"][kind] == 0 and not {p for p, *_ in without} & extra
+    pairs, mix = al.training_examples(dataclasses.replace(cfg, **{kind: True}), tiny_model, tmp_path,
                                       progress=False)
     taught = {prompt for prompt, *_ in pairs} & extra
-    assert mix["harmless"]["answer_prompts"] == len(taught) > len(extra) // 2
+    assert mix["harmless"][kind] == len(taught) > len(extra) // 2
     assert pairs[:len(without)] == without
 
 

@@ -27,7 +27,8 @@ def _content_words(text):
     return {w for w in words if len(w) > 2 and w not in ENGLISH_STOP_WORDS}
 
 
-@pytest.mark.parametrize("kind, n_min, max_overlap", [("answer_prompts", 250, 0.5), ("refusal_prompts", 150, 1 / 3)])
+@pytest.mark.parametrize("kind, n_min, max_overlap",
+                         [("answer_prompts", 250, 0.5), ("twin_prompts", 150, 0.5), ("refusal_prompts", 150, 1 / 3)])
 def test_training_only_prompts_are_disjoint_from_the_evaluation_pools(kind, n_min, max_overlap):
     extra = getattr(ms.data, kind)()
     assert len(extra) >= n_min and len({r["id"] for r in extra}) == len(extra)
@@ -38,6 +39,15 @@ def test_training_only_prompts_are_disjoint_from_the_evaluation_pools(kind, n_mi
     for r in extra:  # shares under max_overlap of its content words with every VAL/TEST prompt
         w = _content_words(r["text"])
         assert max(len(w & h) / min(len(w), len(h)) for h in held_out) < max_overlap, r["id"]
+
+
+def test_twin_prompts_are_twins_of_harmful_train_prompts_in_the_same_form():
+    from mechsafe.align import pool_prompts
+
+    train_form = {r["id"]: r["form"] for r in pool_prompts("harmful", "train")}
+    twins = ms.data.twin_prompts()
+    assert all(train_form[r["twin_of"]] == r["form"] for r in twins)
+    assert len({r["twin_of"] for r in twins}) == len(twins)  # one twin per harmful prompt at most
 
 
 def test_splits_are_deterministic_stratified_and_shared_across_suites():
