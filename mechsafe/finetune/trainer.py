@@ -83,18 +83,17 @@ class FinetuneResult:
         return self.model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"losses": self.losses, "retain_kl": self.retain_kl, "unlikelihood": self.unlikelihood, "config": self.config.to_dict(), "steps": self.steps,
-                "merged": self.merged, "resumed_from": self.resumed_from, "seconds": round(self.seconds, 3),
+        return {"losses": self.losses, "retain_kl": self.retain_kl, "unlikelihood": self.unlikelihood,
+                "config": self.config.to_dict(), "steps": self.steps, "merged": self.merged,
+                "resumed_from": self.resumed_from, "seconds": round(self.seconds, 3),
                 "run_dir": str(self.run_dir) if self.run_dir else None}
 
 
 def _fingerprint(config: FinetuneConfig, examples: Sequence[tuple], system: str | None, retain: list[int],
                  negatives: dict[int, str]) -> str:
     relevant = {k: v for k, v in config.to_dict().items() if k not in _RESUME_IRRELEVANT}
-    data = {"config": relevant, "examples": [list(e) for e in examples], "system": system, "retain": retain}
-    if negatives:  # absent when off, so checkpoints written before the term existed still resume
-        data["negatives"] = sorted(negatives.items())
-    return stable_hash(data, 20)
+    return stable_hash({"config": relevant, "examples": [list(e) for e in examples], "system": system,
+                        "retain": retain, "negatives": sorted(negatives.items())}, 20)
 
 
 def _check_term(name: str, indices: list[int], n: int, weight_name: str, weight: float, what: str) -> None:
@@ -320,6 +319,7 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
         write_run_manifest(run_dir, command="finetune", config=config.to_dict(), seed=config.seed,
                            processing=model_info(model).processing, timings={"finetune": round(seconds, 3)},
                            extra={"model": model_info(model).to_dict(), "n_examples": len(examples),
-                                  "n_retain": len(retain), "n_negatives": len(negs), "fingerprint": fingerprint, "resumed_from": resumed_from, "steps": step,
+                                  "n_retain": len(retain), "n_negatives": len(negs), "fingerprint": fingerprint,
+                                  "resumed_from": resumed_from, "steps": step,
                                   "final_loss": losses[-1] if losses else None})
     return result
