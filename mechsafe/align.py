@@ -15,7 +15,8 @@ it with LoRA (:mod:`mechsafe.finetune`) on the bundled TRAIN split:
 
 A retain term (``FinetuneConfig.kl_weight``, :mod:`mechsafe.finetune.retain`) holds the next-token
 distributions at every position of the harmless examples near the base model's, so the model learns
-to refuse without drifting elsewhere.
+to refuse without drifting elsewhere, and an unlikelihood term (``FinetuneConfig.unlikelihood_weight``)
+pushes down the probability of a refusal opening after each harmless prompt.
 
 Both pools mix question-form and instruction-form prompts (``form`` in the bundled data), so the
 model cannot learn "question about harm -> refuse, imperative -> comply". The merged model is saved
@@ -59,7 +60,8 @@ def default_finetune_config() -> FinetuneConfig:
     """The LoRA recipe of ``mechsafe align`` (chosen on the validation split, see ``docs/align.md``)."""
     return FinetuneConfig(rank=8, alpha=16, targets=("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_O"),
                           layers="6-29", lr=1e-3, steps=120, batch_size=8, warmup_steps=4, schedule="linear",
-                          max_length=128, checkpoint_every=10, seed=0, kl_weight=1.0)
+                          max_length=128, checkpoint_every=10, seed=0, kl_weight=1.0,
+                          unlikelihood_weight=1.0)
 
 
 @dataclasses.dataclass
@@ -76,7 +78,7 @@ class AlignConfig:
     harmful_limit: int | None = None
     """Use at most this many harmful TRAIN prompts (balanced over forms; None: all 168). All 168 (t16)
     refused more than 112 (t13) over three seeds, on VALIDATION and TEST, and over-refused more on TEST
-    (``docs/align.md``; ``harmful_limit=112`` gives t13 back)."""
+    (``docs/align.md``; ``harmful_limit=112`` with ``unlikelihood_weight=0`` gives t13 back)."""
     harmless_limit: int | None = None
     """Use at most this many harmless TRAIN prompts (balanced over forms; None: all)."""
     harmless_repeat: int = 1
@@ -91,14 +93,15 @@ class AlignConfig:
     cut validation over-refusal from 0.106 to 0.030 (``docs/align.md``)."""
     twin_prompts: bool = False
     """Also teach the base model's answers to the bundled benign twins of the harmful TRAIN prompts
-    (:func:`mechsafe.data.twin_prompts`: the same framing around a harmless request)."""
+    (:func:`mechsafe.data.twin_prompts`: the same framing around a harmless request). Not chosen: over
+    three seeds they cost more refusals than over-refusals they saved (``docs/align.md``)."""
     refusal_prompts: bool = False
     """Also teach refusals of the bundled training-only harmful requests (:func:`mechsafe.data.refusal_prompts`),
     after the harmful TRAIN prompts (``harmful_limit`` does not apply to them)."""
     negative_words: int = 3
-    """With ``finetune.unlikelihood_weight > 0``: every harmless pair gets the first this many words of a
-    bundled refusal (assigned like the harmful pairs' targets) as a negative, an opening whose probability
-    after that prompt the unlikelihood term pushes down."""
+    """With ``finetune.unlikelihood_weight > 0`` (the recipe): every harmless pair gets the first this many
+    words of a bundled refusal (assigned like the harmful pairs' targets) as a negative, an opening whose
+    probability after that prompt the unlikelihood term pushes down."""
     eval_split: str = "test"
     """Held-out split the report is computed on: ``test`` for the record, ``val`` while tuning."""
     eval_limit: int | None = None
