@@ -15,8 +15,8 @@ For a batch with response masks ``m[b, t]`` (1 where token ``t`` of row ``b`` is
 from __future__ import annotations
 
 import contextlib
-import math
 import dataclasses
+import math
 from typing import Iterator, Sequence
 
 import torch
