@@ -61,7 +61,7 @@ def default_finetune_config() -> FinetuneConfig:
     return FinetuneConfig(rank=8, alpha=16, targets=("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_O"),
                           layers="6-29", lr=1e-3, steps=120, batch_size=8, warmup_steps=4, schedule="linear",
                           max_length=128, checkpoint_every=10, seed=0, kl_weight=1.0,
-                          unlikelihood_weight=1.0)
+                          unlikelihood_weight=4.0)
 
 
 @dataclasses.dataclass
