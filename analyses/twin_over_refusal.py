@@ -19,14 +19,13 @@ import argparse
 import sys
 import time
 
-import numpy as np
 import torch
 
 import mechsafe as ms
 from mechsafe.errors import MechsafeError
 from mechsafe.evaluation import generate, is_refusal
 from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
-from mechsafe.stats import proportion
+from mechsafe.stats import proportion, proportions_by
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,10 +36,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--runs-dir", default="runs")
     return p.parse_args(argv)
-
-
-def _rate(flags: list[bool]) -> dict:
-    return proportion(np.array(flags, dtype=float)).to_dict() | {"n": len(flags)}
 
 
 def main(argv=None) -> int:
@@ -59,8 +54,8 @@ def main(argv=None) -> int:
         responses = generate(model, [t["text"] for t in twins], max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, progress=False)
         flags = [is_refusal(r) for r in responses]
-        entry = {"model": spec, "over_refusal": _rate(flags),
-                 "by_form": {f: _rate([x for x, t in zip(flags, twins) if t["form"] == f]) for f in forms},
+        entry = {"model": spec, "over_refusal": proportion(flags).to_dict() | {"n": len(flags)},
+                 "by_form": proportions_by(flags, [t["form"] for t in twins]),
                  "seconds": round(time.perf_counter() - t0, 1),
                  "samples": [{"id": t["id"], "form": t["form"], "response": r, "refused": x}
                              for t, r, x in zip(twins, responses, flags)]}

@@ -48,7 +48,7 @@ from mechsafe.errors import MechsafeError
 from mechsafe.finetune import FinetuneConfig, finetune, response_nll
 from mechsafe.models import DEFAULT_MODEL, load_model, model_info, save_model
 from mechsafe.runs import new_run_dir, read_json, stable_hash, write_json, write_run_manifest, atomic_write_text
-from mechsafe.stats import proportion
+from mechsafe.stats import bootstrap, proportions_by
 
 logger = logging.getLogger(__name__)
 
@@ -279,14 +279,6 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
     return pairs, mix
 
 
-def _by_form(flags: list[bool], forms: list[str], seed: int) -> dict[str, Any]:
-    out = {}
-    for form in sorted(set(forms)):
-        sel = np.array([f == form for f in forms])
-        out[form] = proportion(np.asarray(flags)[sel], seed=seed).to_dict() | {"n": int(sel.sum())}
-    return out
-
-
 def evaluate_pair(base, aligned, config: AlignConfig, progress: bool = True) -> dict[str, Any]:
     """Base vs aligned metrics on the held-out split (see the module docstring)."""
     from mechsafe.evaluation import evaluate
@@ -304,8 +296,8 @@ def evaluate_pair(base, aligned, config: AlignConfig, progress: bool = True) -> 
         flags_h = [s["refused"] for s in res.samples if s["set"] == "harmful"]
         flags_s = [s["refused"] for s in res.samples if s["set"] == "harmless"]
         out[name] = res.to_dict(samples=True) | {
-            "refusal_by_form": _by_form(flags_h, [p["form"] for p in harmful], config.seed),
-            "over_refusal_by_form": _by_form(flags_s, [p["form"] for p in harmless], config.seed),
+            "refusal_by_form": proportions_by(flags_h, [p["form"] for p in harmful], config.seed),
+            "over_refusal_by_form": proportions_by(flags_s, [p["form"] for p in harmless], config.seed),
             "seconds": round(time.perf_counter() - t0, 1),
         }
     # NLL of the base model's own answers to the held-out harmless prompts, under both models
@@ -315,8 +307,6 @@ def evaluate_pair(base, aligned, config: AlignConfig, progress: bool = True) -> 
         nll_base = response_nll(base, base_resp, batch_size=config.generate_batch_size)
         nll_aligned = response_nll(aligned, base_resp, batch_size=config.generate_batch_size)
         diff = (nll_aligned - nll_base).numpy()
-        from mechsafe.stats import bootstrap
-
         out["harmless_base_answer_nll"] = {
             "base": float(nll_base.mean()), "aligned": float(nll_aligned.mean()),
             "change": bootstrap(lambda d: float(np.mean(d)), diff, seed=config.seed).to_dict(), "n": len(base_resp)}

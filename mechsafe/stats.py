@@ -61,3 +61,11 @@ def bootstrap(metric: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1
 def proportion(flags: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Estimate:
     """Mean of a boolean array (a rate) with its bootstrap interval."""
     return bootstrap(lambda f: float(np.mean(f)), np.asarray(flags, dtype=float), n_boot=n_boot, level=level, seed=seed)
+
+
+def proportions_by(flags, groups, seed: int = 0) -> dict[str, dict[str, float]]:
+    """The rate of ``flags`` within each group (a label per flag), sorted by group: :func:`proportion`'s
+    estimate as a dict plus ``n``, the group's size."""
+    flags, groups = np.asarray(flags, dtype=float), np.asarray(groups)
+    return {str(g): proportion(flags[groups == g], seed=seed).to_dict() | {"n": int((groups == g).sum())}
+            for g in sorted(set(groups.tolist()))}
