@@ -59,7 +59,7 @@ ANSWERS_FILE = "base_answers.json"
 def default_finetune_config() -> FinetuneConfig:
     """The LoRA recipe of ``mechsafe align`` (chosen on the validation split, see ``docs/align.md``)."""
     return FinetuneConfig(rank=8, alpha=16, targets=("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_O"),
-                          layers="6-29", lr=1e-3, steps=120, batch_size=8, warmup_steps=4, schedule="linear",
+                          layers="6-29", lr=1e-3, steps=140, batch_size=8, warmup_steps=4, schedule="linear",
                           max_length=128, checkpoint_every=10, seed=0, kl_weight=1.0,
                           unlikelihood_weight=4.0)
 
@@ -110,7 +110,7 @@ class AlignConfig:
     """Tokens generated per evaluation response."""
     utility: bool = True
     """Also measure arithmetic accuracy and reference-answer NLL (held-out bundled utility data)."""
-    generate_batch_size: int = 16
+    generate_batch_size: int = 32
     """Prompts per batch when generating."""
     seed: int = 0
     """Seed of the refusal assignment and of the prompt subsets."""
@@ -211,7 +211,7 @@ def refusal_openings(n: int, words: int, seed: int = 0) -> list[str]:
     return [" ".join(r.split()[:words]) for r in assign_refusals(n, seed)]
 
 
-def base_answers(model, prompts: list[dict[str, str]], max_new_tokens: int, run_dir: Path, batch_size: int = 16,
+def base_answers(model, prompts: list[dict[str, str]], max_new_tokens: int, run_dir: Path, batch_size: int = 32,
                  progress: bool = True) -> dict[str, str]:
     """The model's greedy answers to ``prompts`` by id, cached in ``run_dir/base_answers.json``.
 

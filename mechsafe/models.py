@@ -19,6 +19,10 @@ model's real weights: ``"none"`` keeps them; ``"fold"`` is TransformerLens's def
 the next linear layer, centre writing weights and the unembedding, fold value biases). The choice is
 recorded in ``model.mechsafe_info`` and in every run's manifest.
 
+Loaded models keep the MLP, attention-output and unembedding weights in the memory layout
+TransformerLens's forward asks for (see :func:`linear_layout`), which makes generation about a
+third faster on CPU and leaves every output bit-for-bit unchanged.
+
 Example::
 
     import mechsafe as ms
@@ -237,11 +241,39 @@ def load_checkpoint(path: str | os.PathLike, processing: str = "none", device: s
         model = HookedTransformer(cfg, tok, move_to_device=False, default_padding_side="right")
         model.load_and_process_state_dict(state, **PROCESSING[processing])
         model.to(device)
-    model.eval()
+    linear_layout(model).eval()
     extra = {k: v for k, v in manifest.items() if k not in {"format", "processing", "spec", "source", "path"}}
     model.mechsafe_info = ModelInfo(spec=spec or str(path), source=source or manifest.get("source", "checkpoint"),
                                     processing=processing, path=manifest.get("path"), checkpoint=str(path),
                                     extra=extra)
+    return model
+
+
+def linear_layout(model: HookedTransformer) -> HookedTransformer:
+    """Store the weights TransformerLens feeds to ``F.linear`` in the layout it feeds them in; returns ``model``.
+
+    TransformerLens's gated MLP and unembedding call ``F.linear(x, W.T.contiguous())`` and its
+    attention output ``rearrange(W_O, "h d m -> m (h d)").contiguous()``: with weights stored in
+    the default row-major layout, every forward pass copies each of them (for a 135M model about
+    0.4 GB per forward, a third of a decoding step on CPU). Here each such parameter keeps its
+    shape and values but its storage is laid out as that transposed matrix, so ``.contiguous()``
+    returns it without a copy. ``F.linear`` then receives the same values in the same layout as
+    before, so every output is bit-for-bit unchanged. Weights replaced later (e.g. by a weight edit)
+    still work in any layout; they are only slower until this is called again.
+    """
+    with torch.no_grad():
+        for block in model.blocks:
+            mlp = getattr(block, "mlp", None)
+            for name in ("W_in", "W_gate", "W_out"):
+                weight = getattr(mlp, name, None) if mlp is not None else None
+                if isinstance(weight, torch.nn.Parameter) and weight.dim() == 2:
+                    weight.data = weight.data.T.contiguous().T
+            w_o = getattr(block.attn, "W_O", None)
+            if isinstance(w_o, torch.nn.Parameter) and w_o.dim() == 3:  # [h, d, m] stored as [m, h, d]
+                w_o.data = w_o.data.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        w_u = getattr(model.unembed, "W_U", None)
+        if isinstance(w_u, torch.nn.Parameter):
+            w_u.data = w_u.data.T.contiguous().T
     return model
 
 
@@ -322,7 +354,7 @@ def _load_transformerlens(spec: str, processing: str, device: str, dtype: torch.
                 f"could not download {spec!r} from the Hugging Face hub ({type(exc).__name__}); "
                 "when offline, download the model elsewhere and pass its local directory or a .gguf file"
             ) from None
-    model.eval()
+    linear_layout(model).eval()
     model.mechsafe_info = ModelInfo(spec=spec, source="transformerlens", processing=processing)
     return model
 

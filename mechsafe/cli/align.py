@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="words of the refusal opening that the unlikelihood term makes unlikely after each harmless "
                         "prompt (default: %(default)s; --lora '{\"unlikelihood_weight\": 0}' turns the term off)")
     p.add_argument("--answer-tokens", type=int, default=24, help="longest base answer used as a target (default: %(default)s)")
-    p.add_argument("--batch-size-generate", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
+    p.add_argument("--batch-size-generate", type=int, default=32, help="prompts per generation batch (default: %(default)s)")
     p.add_argument("--lora", metavar="JSON", help='overrides of the LoRA recipe, e.g. \'{"steps": 60, "lr": 3e-4, "layers": "all"}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a machine shared with other jobs)")

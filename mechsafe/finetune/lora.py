@@ -38,6 +38,7 @@ from transformer_lens.components.abstract_attention import AbstractAttention
 from mechsafe.errors import MechsafeError
 from mechsafe.finetune.config import FinetuneConfig
 from mechsafe.hooks import parse_layers
+from mechsafe.models import linear_layout
 
 ADAPTER = "default"
 """Name of the one adapter mechsafe trains."""
@@ -254,7 +255,7 @@ def _unwrapped(tuner, model: HookedTransformer) -> HookedTransformer:
     for name, module in model.named_modules():  # restore the original parameter order (state_dict order)
         if name in order and set(order[name]) == set(module._parameters):
             module._parameters = type(module._parameters)((k, module._parameters[k]) for k in order[name])
-    return model
+    return linear_layout(model)  # merged weights are new tensors
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -146,6 +146,7 @@ def test_merge_equals_adapted_outputs_and_leaves_a_plain_model(tiny_model):
         torch.testing.assert_close(model(TOKENS), adapted, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.blocks[0].mlp.W_in, w_in)
     torch.testing.assert_close(model.blocks[2].attn.W_Q, w_q)
+    assert model.blocks[0].mlp.W_in.T.is_contiguous() and model.blocks[2].attn.W_O.permute(2, 0, 1).is_contiguous()
 
 
 def test_attention_targets_work_with_keyword_calls_and_hooks(tiny_model):

@@ -5,7 +5,7 @@ from conftest import save_tiny_hf_llama
 
 import mechsafe as ms
 from mechsafe.errors import MechsafeError
-from mechsafe.models import CHECKPOINT_MANIFEST, model_info
+from mechsafe.models import CHECKPOINT_MANIFEST, linear_layout, model_info
 
 
 @pytest.fixture
@@ -123,3 +123,29 @@ def test_cli_bad_input_exits_2_with_one_line(capsys, tmp_path):
     assert main(["cache", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "acts").exists()
+
+
+def _copied_per_forward(model) -> list[str]:
+    """Weights TransformerLens would copy in a forward pass (``.T.contiguous()`` / ``rearrange(...).contiguous()``)."""
+    out = []
+    for i, block in enumerate(model.blocks):
+        for name in ("W_in", "W_gate", "W_out"):
+            if not getattr(block.mlp, name).T.is_contiguous():
+                out.append(f"blocks.{i}.mlp.{name}")
+        if not block.attn.W_O.permute(2, 0, 1).is_contiguous():
+            out.append(f"blocks.{i}.attn.W_O")
+    return out + ([] if model.unembed.W_U.T.is_contiguous() else ["unembed.W_U"])
+
+
+def test_linear_layout_removes_the_per_forward_copies_and_changes_no_output(tiny_model, hf_dir):
+    tokens = torch.tensor([[5, 17, 42, 9, 3, 60], [7, 7, 1, 2, 30, 11]])
+    with torch.no_grad():
+        before = tiny_model(tokens)
+        values = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    assert len(_copied_per_forward(tiny_model)) == 3 * 4 + 1  # the default row-major layout
+    assert linear_layout(tiny_model) is tiny_model and _copied_per_forward(tiny_model) == []
+    assert all(torch.equal(p, values[n]) for n, p in tiny_model.named_parameters())
+    assert tiny_model.blocks[0].mlp.W_in.T.contiguous().data_ptr() == tiny_model.blocks[0].mlp.W_in.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(tiny_model(tokens), before)  # bit for bit
+    assert _copied_per_forward(ms.load_model(str(hf_dir[0]))) == []  # load_model applies it
