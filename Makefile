@@ -33,6 +33,7 @@ test-unit: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_activations.py
+	$(BIN)/python benchmarks/bench_generation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
