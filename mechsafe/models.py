@@ -258,14 +258,18 @@ def linear_layout(model: HookedTransformer) -> HookedTransformer:
     0.47 GB per forward, a third to a half of a decoding step on CPU). Here each such parameter keeps its
     shape and values but its storage is laid out as that transposed matrix, so ``.contiguous()``
     returns it without a copy. ``F.linear`` then receives the same values in the same layout as
-    before, so every output is bit-for-bit unchanged. Weights replaced later (e.g. by a weight edit)
-    still work in any layout; they are only slower until this is called again.
+    before, so every output is bit-for-bit unchanged (on TransformerLens's default paths; with
+    ``use_attn_result`` its per-head einsum may round differently). Weights replaced later (e.g. by a weight edit)
+    still work in any layout; they are only slower until this is called again. Non-gated MLPs
+    (``torch.addmm``, which reads either layout without a copy) and 4-bit models are left as they are.
     """
+    if getattr(model.cfg, "load_in_4bit", False):
+        return model
     with torch.no_grad():
         for block in model.blocks:
-            mlp = getattr(block, "mlp", None)
+            mlp = getattr(block, "mlp", None) if model.cfg.gated_mlp else None
             for name in ("W_in", "W_gate", "W_out"):
-                weight = getattr(mlp, name, None) if mlp is not None else None
+                weight = getattr(mlp, name, None)
                 if isinstance(weight, torch.nn.Parameter) and weight.dim() == 2:
                     weight.data = weight.data.T.contiguous().T
             w_o = getattr(block.attn, "W_O", None)

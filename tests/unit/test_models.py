@@ -149,3 +149,19 @@ def test_linear_layout_removes_the_per_forward_copies_and_changes_no_output(tiny
     with torch.no_grad():
         assert torch.equal(tiny_model(tokens), before)  # bit for bit
     assert _copied_per_forward(ms.load_model(str(hf_dir[0]))) == []  # load_model applies it
+
+
+def test_linear_layout_leaves_non_gated_mlps_alone():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=32,
+                                  act_fn="gelu", seed=0)
+    model = HookedTransformer(cfg).eval()
+    tokens = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens)
+        linear_layout(model)
+        after = model(tokens)
+    assert model.blocks[0].mlp.W_in.is_contiguous()  # read in place by addmm; no copy to save
+    assert model.unembed.W_U.T.is_contiguous() and model.blocks[1].attn.W_O.permute(2, 0, 1).is_contiguous()
+    assert torch.equal(after, before)
