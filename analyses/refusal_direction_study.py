@@ -35,7 +35,7 @@ from mechsafe import interventions as iv
 from mechsafe.directions import RefusalDirection, SelectionConfig, plot_scores, select_refusal_direction
 from mechsafe.errors import MechsafeError
 from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
-from mechsafe.stats import bootstrap, proportion
+from mechsafe.stats import Estimate, bootstrap, proportion
 
 ALIGNED = Path("runs/aligned/model")
 
@@ -195,7 +195,7 @@ def _from_eval(result: ev.EvalResult, which: str) -> dict:
 
 
 def _fmt(est: dict) -> str:
-    return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
+    return str(Estimate.from_dict(est))
 
 
 def _num(x) -> str:

@@ -25,7 +25,7 @@ import mechsafe as ms
 from mechsafe.errors import MechsafeError
 from mechsafe.evaluation import generate, is_refusal
 from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
-from mechsafe.stats import proportion, proportions_by
+from mechsafe.stats import Estimate, proportion, proportions_by
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
 
 
 def _fmt(est: dict) -> str:
-    return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}] (n={est['n']})"
+    return f"{Estimate.from_dict(est)} (n={est['n']})"
 
 
 if __name__ == "__main__":

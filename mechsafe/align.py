@@ -48,7 +48,7 @@ from mechsafe.errors import MechsafeError
 from mechsafe.finetune import FinetuneConfig, finetune, response_nll
 from mechsafe.models import DEFAULT_MODEL, load_model, model_info, save_model
 from mechsafe.runs import new_run_dir, read_json, stable_hash, write_json, write_run_manifest, atomic_write_text
-from mechsafe.stats import bootstrap, proportions_by
+from mechsafe.stats import Estimate, bootstrap, proportions_by
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def evaluate_pair(base, aligned, config: AlignConfig, progress: bool = True) -> 
 def _fmt(est: dict[str, float] | None) -> str:
     if not est:
         return "n/a"
-    return f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
+    return str(Estimate.from_dict(est))
 
 
 def report_markdown(evaluation: dict[str, Any], mix: dict[str, Any], timings: dict[str, float], model_path: Path) -> str:

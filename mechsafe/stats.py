@@ -27,6 +27,11 @@ class Estimate:
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, float]) -> "Estimate":
+        """The estimate back from :meth:`to_dict`'s dict (other keys, such as a sample size ``n``, are ignored)."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
 
 def bootstrap(metric: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1000, level: float = 0.95,
               seed: int = 0, stratify: np.ndarray | None = None) -> Estimate:
