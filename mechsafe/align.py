@@ -244,11 +244,37 @@ def base_answers(model, prompts: list[dict[str, str]], max_new_tokens: int, run_
     return out
 
 
+def harmful_training_prompts(config: AlignConfig) -> list[dict[str, str]]:
+    """The harmful prompts ``align`` teaches to refuse, in training order."""
+    harmful = pool_prompts("harmful", "train", config.harmful_limit, config.seed)
+    if config.refusal_prompts:
+        harmful += training_only_prompts("refusal_prompts")
+    return harmful
+
+
+def rejected_responses(config: AlignConfig, model, run_dir: Path, n_pairs: int,
+                       progress: bool = True) -> tuple[dict[int, str], dict[str, int]]:
+    """The preference term's rejected response of each training pair (indices as in :func:`training_examples`'
+    ``n_pairs`` pairs): on a harmful pair, the base model's own greedy answer to its prompt (skipped when
+    that answer is empty or a refusal); on a harmless pair, the refusal opening it gets as a negative."""
+    from mechsafe.evaluation import is_refusal
+
+    harmful = harmful_training_prompts(config)
+    answers = base_answers(model, harmful, config.answer_tokens, run_dir, config.generate_batch_size, progress)
+    rejected = {i: answers[p["id"]].strip() for i, p in enumerate(harmful)
+                if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])}
+    n_harmful = len(rejected)
+    harmless = range(len(harmful), n_pairs)
+    rejected.update(zip(harmless, refusal_openings(len(harmless), config.negative_words, config.seed)))
+    return rejected, {"harmful": n_harmful, "harmful_skipped_refused_or_empty": len(harmful) - n_harmful,
+                      "harmless": len(harmless)}
+
+
 def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool = True) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     """The (prompt, response) pairs of the TRAIN split and counts describing the mix."""
     from mechsafe.evaluation import is_refusal
 
-    harmful = pool_prompts("harmful", "train", config.harmful_limit, config.seed)
+    harmful = harmful_training_prompts(config)
     harmless = pool_prompts("harmless", "train", config.harmless_limit, config.seed)
     if config.utility_prompts:
         harmless += utility_prompts("train")
@@ -256,8 +282,6 @@ def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool 
         harmless += training_only_prompts("answer_prompts")
     if config.twin_prompts:
         harmless += training_only_prompts("twin_prompts")
-    if config.refusal_prompts:
-        harmful += training_only_prompts("refusal_prompts")
     pairs: list[tuple] = [(p["text"], r) for p, r in zip(harmful, assign_refusals(len(harmful), config.seed))]
     answers = base_answers(model, harmless, config.answer_tokens, run_dir, config.generate_batch_size, progress)
     kept = [p for p in harmless if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])]
@@ -353,6 +377,9 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     t0 = time.perf_counter()
     model = load_model(config.model, processing="none")
     pairs, mix = training_examples(config, model, run_dir, progress)
+    rejected = None
+    if config.finetune.preference_weight > 0:  # refusal over compliance on harm, the answer over a refusal on the rest
+        rejected, mix["preference_pairs"] = rejected_responses(config, model, run_dir, len(pairs), progress)
     write_json(run_dir / "training_mix.json", mix)
     timings["base_answers"] = time.perf_counter() - t0
     logger.info("training on %d pairs: %s", len(pairs), mix)
@@ -365,10 +392,10 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     if config.finetune.unlikelihood_weight > 0:  # and the opening of a refusal is made unlikely after it
         negatives = dict(zip(harmless, refusal_openings(len(harmless), config.negative_words, config.seed)))
     result = finetune(model, pairs, config.finetune, run_dir=run_dir / "finetune", resume=resume, progress=progress,
-                      retain=retain, negatives=negatives)
+                      retain=retain, negatives=negatives, rejected=rejected)
     timings["finetune"] = time.perf_counter() - t0
     write_json(run_dir / "losses.json", {"losses": result.losses, "retain_kl": result.retain_kl,
-                                         "unlikelihood": result.unlikelihood})
+                                         "unlikelihood": result.unlikelihood, "preference": result.preference})
     save_model(result.model, out, base_model=config.model, align_config=config.to_dict(), run_dir=str(run_dir.resolve()),
                training_mix=mix, final_loss=result.losses[-1])
     logger.info("saved the aligned model to %s", out)

@@ -19,7 +19,7 @@ Example::
 
 from mechsafe.finetune.config import TARGETS, FinetuneConfig
 from mechsafe.finetune.lora import adapted_weight, attach_lora, has_lora, merge_lora, remove_lora
-from mechsafe.finetune.sequences import encode_examples, response_nll
+from mechsafe.finetune.sequences import encode_examples, response_nll, sequence_nll
 from mechsafe.finetune.trainer import FinetuneResult, example_order, finetune
 
 __all__ = [
@@ -35,4 +35,5 @@ __all__ = [
     "merge_lora",
     "remove_lora",
     "response_nll",
+    "sequence_nll",
 ]

@@ -75,6 +75,15 @@ class FinetuneConfig:
     """Weight of the unlikelihood term: ``-log(1 - p(negative | prompt))`` for the responses passed as
     ``finetune(negatives=...)``, averaged over those examples (:func:`mechsafe.finetune.sequences.unlikelihood`);
     0: off."""
+    preference_weight: float = 0.0
+    """Weight of the preference term (DPO, Rafailov et al., 2023) on the examples passed with a rejected
+    response as ``finetune(rejected=...)``: ``-log sigmoid(preference_beta * margin)``, where the margin is
+    how much more the adapted model than the model before training favours the example's own response
+    over the rejected one (summed log-probabilities), averaged over those examples
+    (:mod:`mechsafe.finetune.preference`); 0: off."""
+    preference_beta: float = 0.1
+    """DPO's ``beta``: the scale of the log-probability margin inside the sigmoid (small: the term keeps
+    pushing until the margin is large; large: it saturates after a small change)."""
     callback_every: int = 1
     """Call ``callback(step, model)`` every this many steps (also before the first and after the last)."""
     merge: bool = True
@@ -107,6 +116,11 @@ class FinetuneConfig:
         if not (self.unlikelihood_weight >= 0 and math.isfinite(self.unlikelihood_weight)):
             raise MechsafeError(f"unlikelihood_weight={self.unlikelihood_weight} must be a non-negative number "
                                 "(0 turns the unlikelihood term off)")
+        if not (self.preference_weight >= 0 and math.isfinite(self.preference_weight)):
+            raise MechsafeError(f"preference_weight={self.preference_weight} must be a non-negative number "
+                                "(0 turns the preference term off)")
+        if not (self.preference_beta > 0 and math.isfinite(self.preference_beta)):
+            raise MechsafeError(f"preference_beta={self.preference_beta} must be a positive number, e.g. 0.1")
         if self.weight_decay < 0:
             raise MechsafeError(f"weight_decay={self.weight_decay} must be >= 0")
         if self.steps is not None and self.epochs is not None:

@@ -151,21 +151,30 @@ def eval_mode(model: HookedTransformer) -> Iterator[HookedTransformer]:
 
 
 @torch.no_grad()
+def sequence_nll(model: HookedTransformer, seqs: Sequence[TeacherForced], batch_size: int = 8
+                 ) -> tuple[Float[torch.Tensor, " n"], Int[torch.Tensor, " n"]]:
+    """Summed NLL of each sequence's response tokens (prompt masked), in eval mode, and the number of
+    those tokens. Sequences are batched longest first, so rows of similar length share a batch."""
+    if batch_size < 1:
+        raise MechsafeError(f"batch_size={batch_size} must be a positive integer")
+    pad = chat.pad_id(model.tokenizer)
+    total, count = torch.empty(len(seqs)), torch.empty(len(seqs), dtype=torch.long)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    with eval_mode(model):
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            tokens, mask = collate([seqs[i] for i in idx], pad)
+            total[idx] = masked_nll(model, tokens, mask).cpu()
+            count[idx] = mask.sum(1).long()
+    return total, count
+
+
 def response_nll(model: HookedTransformer, examples: Sequence[tuple], batch_size: int = 8,
                  max_length: int = 256, system: str | None = None) -> Float[torch.Tensor, " n_examples"]:
     """Mean NLL per response token of each (prompt, response) pair (prompt tokens masked).
 
     The training loss of :func:`mechsafe.finetune.finetune` is the token-weighted mean of these.
     """
-    if batch_size < 1:
-        raise MechsafeError(f"batch_size={batch_size} must be a positive integer")
-    seqs = encode_examples(model.tokenizer, examples, max_length=max_length, system=system)
-    pad = chat.pad_id(model.tokenizer)
-    out = torch.empty(len(seqs))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    with eval_mode(model):
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            tokens, mask = collate([seqs[i] for i in idx], pad)
-            out[idx] = masked_nll(model, tokens, mask).cpu() / mask.sum(1)
-    return out
+    total, count = sequence_nll(model, encode_examples(model.tokenizer, examples, max_length=max_length, system=system),
+                                batch_size)
+    return total / count

@@ -8,7 +8,7 @@ losses so far and the RNG state.
 Run-directory layout (when ``run_dir`` is given)::
 
     run_dir/run.json                       config, versions, seed, weight processing, timings
-    run_dir/losses.json                    loss per optimizer step (and the retain KL and unlikelihood, when on)
+    run_dir/losses.json                    loss per optimizer step (and the retain KL, unlikelihood and preference, when on)
     run_dir/checkpoints/step-000050/       adapter.safetensors, optimizer.pt, rng.pt, state.json
 """
 
@@ -29,6 +29,7 @@ from mechsafe import chat
 from mechsafe.errors import MechsafeError
 from mechsafe.finetune.config import FinetuneConfig
 from mechsafe.finetune.lora import attach_lora, load_lora_state, lora_state, merge_lora, remove_lora
+from mechsafe.finetune.preference import Pair, dpo_loss, reference_pairs
 from mechsafe.finetune.retain import Reference, reference_topk, retain_kl_sum
 from mechsafe.finetune.sequences import (TeacherForced, check_examples, collate, encode_examples, final_resid, masked_nll,
                                          unlikelihood)
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 _KEEP_CHECKPOINTS = 2
 _RESUME_IRRELEVANT = ("checkpoint_every", "callback_every", "merge")
-TERMS = ("retain_kl", "unlikelihood")
+TERMS = ("retain_kl", "unlikelihood", "preference")
 """Extra loss terms whose per-step means are recorded (when the term is on)."""
 
 Callback = Callable[[int, HookedTransformer], Any]
@@ -74,6 +75,9 @@ class FinetuneResult:
     unlikelihood: list[float | None] = dataclasses.field(default_factory=list)
     """Mean unlikelihood per negative of every optimizer step (``None`` for a step without one; empty when
     ``unlikelihood_weight`` is 0)."""
+    preference: list[float | None] = dataclasses.field(default_factory=list)
+    """Mean preference-term loss per pair of every optimizer step (``log 2`` at the start; ``None`` for a step
+    without a pair; empty when ``preference_weight`` is 0)."""
 
     def merge(self) -> HookedTransformer:
         """Merge the adapters now (when ``config.merge`` was False) and return the plain model."""
@@ -84,16 +88,20 @@ class FinetuneResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"losses": self.losses, "retain_kl": self.retain_kl, "unlikelihood": self.unlikelihood,
+                "preference": self.preference,
                 "config": self.config.to_dict(), "steps": self.steps, "merged": self.merged,
                 "resumed_from": self.resumed_from, "seconds": round(self.seconds, 3),
                 "run_dir": str(self.run_dir) if self.run_dir else None}
 
 
 def _fingerprint(config: FinetuneConfig, examples: Sequence[tuple], system: str | None, retain: list[int],
-                 negatives: dict[int, str]) -> str:
+                 negatives: dict[int, str], rejected: dict[int, str]) -> str:
     relevant = {k: v for k, v in config.to_dict().items() if k not in _RESUME_IRRELEVANT}
-    return stable_hash({"config": relevant, "examples": [list(e) for e in examples], "system": system,
-                        "retain": retain, "negatives": sorted(negatives.items())}, 20)
+    data = {"config": relevant, "examples": [list(e) for e in examples], "system": system,
+            "retain": retain, "negatives": sorted(negatives.items())}
+    if rejected:  # (absent when off, so checkpoints written before the term existed still resume)
+        data["rejected"] = sorted(rejected.items())
+    return stable_hash(data, 20)
 
 
 def _check_term(name: str, indices: list[int], n: int, weight_name: str, weight: float, what: str) -> None:
@@ -114,14 +122,23 @@ def _check_retain(retain: Sequence[int] | None, n: int, config: FinetuneConfig) 
     return retain
 
 
-def _check_negatives(negatives: Mapping[int, str] | None, n: int, config: FinetuneConfig) -> dict[int, str]:
-    """The negatives by example index; errors name the fix."""
-    negatives = {int(i): text for i, text in (negatives or {}).items()}
-    _check_term("negatives", list(negatives), n, "unlikelihood_weight", config.unlikelihood_weight,
-                "negative responses")
-    if not all(isinstance(t, str) and t.strip() for t in negatives.values()):
-        raise MechsafeError("negatives must map example indices to non-empty response texts; fix the data")
-    return negatives
+def _check_responses(name: str, responses: Mapping[int, str] | None, n: int, weight_name: str,
+                     weight: float, what: str) -> dict[int, str]:
+    """Responses of an extra loss term (``negatives``, ``rejected``) by example index; errors name the fix."""
+    responses = {int(i): text for i, text in (responses or {}).items()}
+    _check_term(name, list(responses), n, weight_name, weight, what)
+    if not all(isinstance(t, str) and t.strip() for t in responses.values()):
+        raise MechsafeError(f"{name} must map example indices to non-empty response texts; fix the data")
+    return responses
+
+
+def _encode_responses(model: HookedTransformer, examples: list[tuple], responses: dict[int, str],
+                      config: FinetuneConfig, system: str | None) -> dict[int, TeacherForced]:
+    """Each response after its example's prompt, tokenized for teacher forcing (no end of turn appended)."""
+    if not responses:
+        return {}
+    pairs = [(examples[i][0], text, False) for i, text in responses.items()]
+    return dict(zip(responses, encode_examples(model.tokenizer, pairs, max_length=config.max_length, system=system)))
 
 
 def example_order(step: int, config: FinetuneConfig, n: int) -> list[list[int]]:
@@ -183,33 +200,65 @@ def _load_checkpoint(ckpt: Path, fingerprint: str, model: HookedTransformer,
     return int(state["step"]), [float(x) for x in state["losses"]], terms
 
 
+def _alternative_nll(model: HookedTransformer, mb: list[int], negs: dict[int, TeacherForced],
+                     pairs: dict[int, Pair], pad: int) -> dict[tuple[str, int], torch.Tensor]:
+    """Summed NLL of the negatives (key ``("neg", i)``) and rejected responses (``("rej", i)``) of the
+    micro-batch's examples, in one forward pass; a rejected response equal to the negative shares its row."""
+    batch: list[TeacherForced] = []
+    row_of: dict[tuple[int, ...], int] = {}
+    where: dict[tuple[str, int], int] = {}
+    for i in mb:
+        for kind, seq in (("neg", negs.get(i)), ("rej", pairs[i].rejected if i in pairs else None)):
+            if seq is None:
+                continue
+            key = tuple(seq.ids)
+            if key not in row_of:
+                row_of[key] = len(batch)
+                batch.append(seq)
+            where[(kind, i)] = row_of[key]
+    if not batch:
+        return {}
+    nll = masked_nll(model, *collate(batch, pad))
+    return {key: nll[row] for key, row in where.items()}
+
+
 def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[int]], pad: int,
-          refs: dict[int, Reference], negs: dict[int, TeacherForced],
+          refs: dict[int, Reference], negs: dict[int, TeacherForced], pairs: dict[int, Pair],
           config: FinetuneConfig) -> tuple[float, dict[str, float | None]]:
     """Forward/backward of one optimizer step: gradients of the token-weighted mean response NLL, plus
     ``kl_weight`` times the mean retain KL over the retained positions of the step, plus
-    ``unlikelihood_weight`` times the mean unlikelihood of the step's negatives. Returns the mean NLL and
-    the mean of each term (``None`` when the step holds no example of it)."""
+    ``unlikelihood_weight`` times the mean unlikelihood of the step's negatives, plus
+    ``preference_weight`` times the mean DPO loss of the step's preference pairs. Returns the mean NLL
+    and the mean of each term (``None`` when the step holds no example of it)."""
     n_tokens = sum(len(seqs[i]) - seqs[i].prompt_len for mb in micro for i in mb)
     counts = {"retain_kl": sum(refs[i].logp.shape[0] for mb in micro for i in mb if i in refs),
-              "unlikelihood": sum(i in negs for mb in micro for i in mb)}
+              "unlikelihood": sum(i in negs for mb in micro for i in mb),
+              "preference": sum(i in pairs for mb in micro for i in mb)}
     nll_total, totals = 0.0, dict.fromkeys(TERMS, 0.0)
     for mb in micro:
         tokens, mask = collate([seqs[i] for i in mb], pad)
         resid = final_resid(model, tokens)
-        nll_sum = masked_nll(model, tokens, mask, resid=resid).sum()
+        row_nll = masked_nll(model, tokens, mask, resid=resid)
+        nll_sum = row_nll.sum()
         loss = nll_sum / n_tokens
         rows = [r for r, i in enumerate(mb) if i in refs]
         if rows:
             kl_sum = retain_kl_sum(model, resid, rows, [refs[mb[r]] for r in rows])
             loss = loss + config.kl_weight * kl_sum / counts["retain_kl"]
             totals["retain_kl"] += float(kl_sum.detach())
-        negative = [negs[i] for i in mb if i in negs]
+        alt = _alternative_nll(model, mb, negs, pairs, pad)
+        negative = [i for i in mb if i in negs]
         if negative:  # the opening of a response the model should not give, after the same prompt
-            neg_tokens, neg_mask = collate(negative, pad)
-            ul_sum = unlikelihood(masked_nll(model, neg_tokens, neg_mask)).sum()
+            ul_sum = unlikelihood(torch.stack([alt[("neg", i)] for i in negative])).sum()
             loss = loss + config.unlikelihood_weight * ul_sum / counts["unlikelihood"]
             totals["unlikelihood"] += float(ul_sum.detach())
+        preferred = [r for r, i in enumerate(mb) if i in pairs]
+        if preferred:  # the example's own response over its rejected one, relative to the starting model
+            rejected_nll = torch.stack([alt[("rej", mb[r])] for r in preferred])
+            pref_sum = dpo_loss(row_nll[preferred], rejected_nll, [pairs[mb[r]] for r in preferred],
+                                config.preference_beta).sum()
+            loss = loss + config.preference_weight * pref_sum / counts["preference"]
+            totals["preference"] += float(pref_sum.detach())
         loss.backward()
         nll_total += float(nll_sum.detach())
     return nll_total / n_tokens, {k: totals[k] / counts[k] if counts[k] else None for k in TERMS}
@@ -218,7 +267,8 @@ def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[
 def finetune(model: HookedTransformer, examples: Sequence[tuple], config: FinetuneConfig | None = None,
              run_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
              callback: Callback | None = None, system: str | None = None,
-             retain: Sequence[int] | None = None, negatives: Mapping[int, str] | None = None) -> FinetuneResult:
+             retain: Sequence[int] | None = None, negatives: Mapping[int, str] | None = None,
+             rejected: Mapping[int, str] | None = None) -> FinetuneResult:
     """LoRA fine-tune ``model`` (in place) on (prompt, response) pairs; loss on response tokens only.
 
     Args:
@@ -240,6 +290,9 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
         negatives: ``{example index: response}``: a response (typically the opening of one) that should
             not follow that example's prompt; with ``config.unlikelihood_weight`` the loss gains the mean
             :func:`~mechsafe.finetune.sequences.unlikelihood` of these responses (no end of turn is appended).
+        rejected: ``{example index: response}``: a response the example's own response should be preferred
+            to; with ``config.preference_weight`` the loss gains the mean DPO loss of these pairs against the
+            model before training (:mod:`mechsafe.finetune.preference`; no end of turn is appended).
     """
     config = config or FinetuneConfig()
     examples = check_examples(examples)
@@ -251,17 +304,18 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
         raise MechsafeError(f"a sequence is longer than the model's context ({model.cfg.n_ctx}); lower max_length")
     total = config.total_steps(len(seqs))
     retain = _check_retain(retain, len(seqs), config)
-    negatives = _check_negatives(negatives, len(seqs), config)
-    fingerprint = _fingerprint(config, examples, system, retain, negatives)
+    negatives = _check_responses("negatives", negatives, len(seqs), "unlikelihood_weight", config.unlikelihood_weight,
+                                 "negative responses")
+    rejected = _check_responses("rejected", rejected, len(seqs), "preference_weight", config.preference_weight,
+                                "rejected responses")
+    fingerprint = _fingerprint(config, examples, system, retain, negatives, rejected)
     run_dir = Path(run_dir) if run_dir is not None else None
     refs: dict[int, Reference] = {}
     if retain:  # the model is still the one before training
         refs = dict(zip(retain, reference_topk(model, [seqs[i] for i in retain], config.kl_top_k)))
-    negs: dict[int, TeacherForced] = {}
-    if negatives:
-        pairs = [(examples[i][0], text, False) for i, text in negatives.items()]
-        negs = dict(zip(negatives, encode_examples(model.tokenizer, pairs, max_length=config.max_length, system=system)))
-    enabled = {"retain_kl": bool(refs), "unlikelihood": bool(negs)}
+    negs, rejs = (_encode_responses(model, examples, responses, config, system) for responses in (negatives, rejected))
+    pairs = reference_pairs(model, seqs, rejs) if rejs else {}
+    enabled = {"retain_kl": bool(refs), "unlikelihood": bool(negs), "preference": bool(pairs)}
 
     tuner = attach_lora(model, config)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
@@ -284,7 +338,7 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step, total)
             optimizer.zero_grad(set_to_none=True)
-            loss, means = _step(model, seqs, example_order(step, config, len(seqs)), pad, refs, negs, config)
+            loss, means = _step(model, seqs, example_order(step, config, len(seqs)), pad, refs, negs, pairs, config)
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -319,7 +373,8 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
         write_run_manifest(run_dir, command="finetune", config=config.to_dict(), seed=config.seed,
                            processing=model_info(model).processing, timings={"finetune": round(seconds, 3)},
                            extra={"model": model_info(model).to_dict(), "n_examples": len(examples),
-                                  "n_retain": len(retain), "n_negatives": len(negs), "fingerprint": fingerprint,
+                                  "n_retain": len(retain), "n_negatives": len(negs), "n_rejected": len(pairs),
+                                  "fingerprint": fingerprint,
                                   "resumed_from": resumed_from, "steps": step,
                                   "final_loss": losses[-1] if losses else None})
     return result

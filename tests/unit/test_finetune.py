@@ -1,5 +1,7 @@
 """LoRA fine-tuning on the tiny model: identity at init, response-only loss, resume, merge, attention, save/load."""
 
+import math
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer
@@ -8,7 +10,8 @@ import mechsafe as ms
 from mechsafe import chat
 from mechsafe.errors import MechsafeError
 from mechsafe.finetune import (FinetuneConfig, adapted_weight, attach_lora, encode_examples, example_order, finetune,
-                               has_lora, merge_lora, response_nll)
+                               has_lora, merge_lora, response_nll, sequence_nll)
+from mechsafe.finetune.preference import Pair, dpo_loss, reference_pairs
 from mechsafe.finetune.retain import coarse_kl, reference_topk, retain_kl_sum
 from mechsafe.finetune.sequences import collate, final_resid, masked_nll, unlikelihood
 from mechsafe.models import model_info
@@ -100,10 +103,11 @@ def test_training_lowers_the_response_loss(tiny_model):
 @pytest.mark.parametrize("kl_weight", [0.0, 1.0])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, kl_weight):
     cfg = FinetuneConfig(steps=6, batch_size=4, lr=5e-3, checkpoint_every=2, targets=ALL, kl_weight=kl_weight,
-                         unlikelihood_weight=kl_weight)
+                         unlikelihood_weight=kl_weight, preference_weight=kl_weight)
     retain = [0] if kl_weight else None  # some steps hold no retained example
     negatives = {1: "no", 2: "dog"} if kl_weight else None
-    kw = dict(progress=False, retain=retain, negatives=negatives)
+    rejected = {2: "dog", 4: "red"} if kl_weight else None  # example 2's rejected response is also its negative
+    kw = dict(progress=False, retain=retain, negatives=negatives, rejected=rejected)
     straight = make_tiny_model()
     r1 = finetune(straight, EXAMPLES, cfg, **kw)
 
@@ -120,8 +124,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, kl_weight):
     assert not has_lora(interrupted)  # a failed run leaves the model as it came
     r2 = finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, **kw)
     assert r2.resumed_from == 2 and r2.losses == r1.losses
-    assert r2.retain_kl == r1.retain_kl and r2.unlikelihood == r1.unlikelihood
+    assert r2.retain_kl == r1.retain_kl and r2.unlikelihood == r1.unlikelihood and r2.preference == r1.preference
     assert (None in r1.retain_kl) == (None in r1.unlikelihood) == bool(kl_weight)
+    assert len(r1.preference) == 6 * bool(kl_weight)
     for (name, a), b in zip(straight.state_dict().items(), interrupted.state_dict().values()):
         assert torch.equal(a, b), name
     assert (tmp_path / "run.json").is_file() and (tmp_path / "losses.json").is_file()
@@ -321,17 +326,62 @@ def test_unlikelihood_term_starts_at_the_hand_computed_value_and_lowers_the_nega
     assert end[0.0] > 10 * expected_first and end[5.0] < 0.75 * end[0.0], (expected_first, end)
 
 
-def test_negative_arguments_are_checked(tiny_model):
-    with pytest.raises(MechsafeError, match="needs negative responses"):
-        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, unlikelihood_weight=1.0), progress=False)
-    with pytest.raises(MechsafeError, match="unlikelihood_weight=0"):
-        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1), progress=False, negatives={0: "no"})
+@pytest.mark.parametrize("arg, weight, what", [("negatives", "unlikelihood_weight", "negative"),
+                                               ("rejected", "preference_weight", "rejected")])
+def test_response_arguments_are_checked(tiny_model, arg, weight, what):
+    on = FinetuneConfig(steps=1, **{weight: 1.0})
+    with pytest.raises(MechsafeError, match=f"needs {what} responses"):
+        finetune(tiny_model, EXAMPLES, on, progress=False)
+    with pytest.raises(MechsafeError, match=f"{weight}=0"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1), progress=False, **{arg: {0: "no"}})
     with pytest.raises(MechsafeError, match="outside"):
-        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, unlikelihood_weight=1.0), progress=False,
-                 negatives={9: "no"})
+        finetune(tiny_model, EXAMPLES, on, progress=False, **{arg: {9: "no"}})
     with pytest.raises(MechsafeError, match="non-empty"):
-        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, unlikelihood_weight=1.0), progress=False,
-                 negatives={0: " "})
-    with pytest.raises(MechsafeError, match="unlikelihood_weight"):
-        FinetuneConfig(unlikelihood_weight=float("nan"))
+        finetune(tiny_model, EXAMPLES, on, progress=False, **{arg: {0: " "}})
+    for bad in ({weight: float("nan")}, {weight: -1.0}):
+        with pytest.raises(MechsafeError, match=weight):
+            FinetuneConfig(**bad)
     assert not has_lora(tiny_model)
+
+
+def test_dpo_loss_equals_the_hand_computed_value():
+    pairs = [Pair(rejected=None, ref_chosen_nll=2.0, ref_rejected_nll=2.0),
+             Pair(rejected=None, ref_chosen_nll=5.0, ref_rejected_nll=1.0)]
+    loss = dpo_loss(torch.tensor([1.0, 5.0]), torch.tensor([3.0, 1.0]), pairs, beta=0.1)
+    # margins: (2 - 1) - (2 - 3) = 2 and 0: -log sigmoid(0.2) and log 2
+    torch.testing.assert_close(loss, torch.tensor([math.log1p(math.exp(-0.2)), math.log(2)]))
+
+
+def test_preference_term_starts_at_log_two_and_widens_the_margin():
+    rejected = {0: "bye", 2: "dog dog", 4: "red"}
+    tok = make_tiny_model().tokenizer
+    seqs = encode_examples(tok, EXAMPLES)
+    rej = encode_examples(tok, [(EXAMPLES[i][0], text, False) for i, text in rejected.items()])
+    ref = reference_pairs(make_tiny_model(), seqs, dict(zip(rejected, rej)))
+    chosen_nll, _ = sequence_nll(make_tiny_model(), [seqs[i] for i in rejected])
+    assert [ref[i].ref_chosen_nll for i in rejected] == pytest.approx(chosen_nll.tolist())
+
+    def margin(model):  # mean log-probability margin of chosen over rejected, relative to the starting model
+        c, _ = sequence_nll(model, [seqs[i] for i in rejected])
+        r, _ = sequence_nll(model, rej)
+        return float(sum((ref[i].ref_chosen_nll - ci) - (ref[i].ref_rejected_nll - ri)
+                         for i, ci, ri in zip(rejected, c.tolist(), r.tolist())) / len(rejected))
+
+    end = {}
+    for weight in (0.0, 2.0):
+        model = make_tiny_model()
+        cfg = FinetuneConfig(steps=30, batch_size=6, lr=3e-2, preference_weight=weight, preference_beta=0.5)
+        result = finetune(model, EXAMPLES, cfg, progress=False, rejected=rejected if weight else None)
+        end[weight] = margin(model)
+        if weight:  # one batch holds every example, so step 0 sees every pair at the untrained model
+            assert len(result.preference) == 30 and result.preference[0] == pytest.approx(math.log(2), rel=1e-4)
+            assert result.preference[-1] < 0.5 * math.log(2)
+        else:
+            assert result.preference == []
+    assert end[2.0] > end[0.0] + 1, end
+
+
+def test_preference_beta_is_checked():
+    for beta in (0.0, -1.0, float("inf")):
+        with pytest.raises(MechsafeError, match="preference_beta"):
+            FinetuneConfig(preference_beta=beta)
