@@ -16,7 +16,9 @@ it with LoRA (:mod:`mechsafe.finetune`) on the bundled TRAIN split:
 A retain term (``FinetuneConfig.kl_weight``, :mod:`mechsafe.finetune.retain`) holds the next-token
 distributions at every position of the harmless examples near the base model's, so the model learns
 to refuse without drifting elsewhere, and an unlikelihood term (``FinetuneConfig.unlikelihood_weight``)
-pushes down the probability of a refusal opening after each harmless prompt.
+pushes down the probability of a refusal opening after each harmless prompt. An optional DPO term
+(``FinetuneConfig.preference_weight``, :mod:`mechsafe.finetune.preference`; off in the recipe) prefers
+each harmful pair's refusal to the base model's own answer and each harmless answer to its refusal opening.
 
 Both pools mix question-form and instruction-form prompts (``form`` in the bundled data), so the
 model cannot learn "question about harm -> refuse, imperative -> comply". The merged model is saved
