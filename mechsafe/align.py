@@ -254,11 +254,18 @@ def harmful_training_prompts(config: AlignConfig) -> list[dict[str, str]]:
     return harmful
 
 
-def rejected_responses(config: AlignConfig, model, run_dir: Path, n_pairs: int,
+def harmless_openings(config: AlignConfig, n_harmful: int, n_pairs: int) -> dict[int, str]:
+    """The refusal opening of each harmless training pair (they follow the ``n_harmful`` harmful ones among
+    :func:`training_examples`' ``n_pairs``): its unlikelihood negative and its preference-term rejected response."""
+    harmless = range(n_harmful, n_pairs)
+    return dict(zip(harmless, refusal_openings(len(harmless), config.negative_words, config.seed)))
+
+
+def rejected_responses(config: AlignConfig, model, run_dir: Path, openings: dict[int, str],
                        progress: bool = True) -> tuple[dict[int, str], dict[str, int]]:
-    """The preference term's rejected response of each training pair (indices as in :func:`training_examples`'
-    ``n_pairs`` pairs): on a harmful pair, the base model's own greedy answer to its prompt (skipped when
-    that answer is empty or a refusal); on a harmless pair, the refusal opening it gets as a negative."""
+    """The preference term's rejected response of each training pair: on a harmful pair, the base model's own
+    greedy answer to its prompt (skipped when that answer is empty or a refusal); on a harmless pair, its
+    refusal opening from :func:`harmless_openings`."""
     from mechsafe.evaluation import is_refusal
 
     harmful = harmful_training_prompts(config)
@@ -266,10 +273,9 @@ def rejected_responses(config: AlignConfig, model, run_dir: Path, n_pairs: int,
     rejected = {i: answers[p["id"]].strip() for i, p in enumerate(harmful)
                 if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])}
     n_harmful = len(rejected)
-    harmless = range(len(harmful), n_pairs)
-    rejected.update(zip(harmless, refusal_openings(len(harmless), config.negative_words, config.seed)))
+    rejected.update(openings)
     return rejected, {"harmful": n_harmful, "harmful_skipped_refused_or_empty": len(harmful) - n_harmful,
-                      "harmless": len(harmless)}
+                      "harmless": len(openings)}
 
 
 def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool = True) -> tuple[list[tuple[str, str]], dict[str, Any]]:
@@ -379,20 +385,20 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     t0 = time.perf_counter()
     model = load_model(config.model, processing="none")
     pairs, mix = training_examples(config, model, run_dir, progress)
+    n_harmful = sum(mix["harmful"].values())  # harmful pairs come first
+    openings = harmless_openings(config, n_harmful, len(pairs))
     rejected = None
     if config.finetune.preference_weight > 0:  # refusal over compliance on harm, the answer over a refusal on the rest
-        rejected, mix["preference_pairs"] = rejected_responses(config, model, run_dir, len(pairs), progress)
+        rejected, mix["preference_pairs"] = rejected_responses(config, model, run_dir, openings, progress)
     write_json(run_dir / "training_mix.json", mix)
     timings["base_answers"] = time.perf_counter() - t0
     logger.info("training on %d pairs: %s", len(pairs), mix)
 
     t0 = time.perf_counter()
-    # harmful pairs come first; with the retain term on, every harmless pair is held near the base model
-    harmless = range(sum(mix["harmful"].values()), len(pairs))
-    retain = harmless if config.finetune.kl_weight > 0 else None
-    negatives = None
-    if config.finetune.unlikelihood_weight > 0:  # and the opening of a refusal is made unlikely after it
-        negatives = dict(zip(harmless, refusal_openings(len(harmless), config.negative_words, config.seed)))
+    # with the retain term on, every harmless pair is held near the base model
+    retain = range(n_harmful, len(pairs)) if config.finetune.kl_weight > 0 else None
+    # and with the unlikelihood term, the opening of a refusal is made unlikely after it
+    negatives = openings if config.finetune.unlikelihood_weight > 0 else None
     result = finetune(model, pairs, config.finetune, run_dir=run_dir / "finetune", resume=resume, progress=progress,
                       retain=retain, negatives=negatives, rejected=rejected)
     timings["finetune"] = time.perf_counter() - t0

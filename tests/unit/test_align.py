@@ -171,13 +171,14 @@ def test_cli_rejects_bad_lora_overrides(capsys):
 
 
 def test_preference_pairs_reject_compliance_on_harm_and_refusal_openings_elsewhere(hf_dir, tmp_path):
-    ft = FinetuneConfig(steps=2, batch_size=4, lr=1e-2, max_length=400, preference_weight=1.0)
+    ft = FinetuneConfig(steps=2, batch_size=4, lr=1e-2, max_length=400, preference_weight=1.0, unlikelihood_weight=1.0)
     cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
                          answer_prompts=False, eval_split="val", eval_limit=2, eval_max_new_tokens=2, utility=False)
     model = ms.load_model(str(hf_dir), processing="none")
     pairs, _ = al.training_examples(cfg, model, tmp_path, progress=False)
-    rejected, counts = al.rejected_responses(cfg, model, tmp_path, len(pairs), progress=False)
     harmful = al.harmful_training_prompts(cfg)
+    openings = al.harmless_openings(cfg, len(harmful), len(pairs))
+    rejected, counts = al.rejected_responses(cfg, model, tmp_path, openings, progress=False)
     answers = read_json(tmp_path / al.ANSWERS_FILE)["answers"]
     assert counts["harmful"] + counts["harmful_skipped_refused_or_empty"] == len(harmful) == 4
     for i, p in enumerate(harmful):  # a harmful pair's rejected response is the base model's own answer
@@ -189,7 +190,8 @@ def test_preference_pairs_reject_compliance_on_harm_and_refusal_openings_elsewhe
     assert [rejected[i] for i in harmless] == al.refusal_openings(len(harmless), cfg.negative_words, cfg.seed)
     result = al.align(cfg, out=tmp_path / "aligned", run_dir=tmp_path / "run", progress=False)
     fin = read_json(tmp_path / "run" / "finetune" / "run.json")
-    assert fin["n_rejected"] == len(rejected) and fin["n_negatives"] == 0
+    # every harmless pair's rejected response is its unlikelihood negative
+    assert fin["n_rejected"] == len(rejected) == counts["harmful"] + fin["n_negatives"]
     assert read_json(tmp_path / "run" / "training_mix.json")["preference_pairs"] == counts
     losses = read_json(tmp_path / "run" / "losses.json")["preference"]
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), rel=1e-4) and len(result.losses) == 2
