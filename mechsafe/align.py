@@ -103,7 +103,8 @@ class AlignConfig:
     negative_words: int = 3
     """With ``finetune.unlikelihood_weight > 0`` (the recipe): every harmless pair gets the first this many
     words of a bundled refusal (assigned like the harmful pairs' targets) as a negative, an opening whose
-    probability after that prompt the unlikelihood term pushes down."""
+    probability after that prompt the unlikelihood term pushes down; with ``finetune.preference_weight > 0``
+    the same opening is the pair's rejected response."""
     eval_split: str = "test"
     """Held-out split the report is computed on: ``test`` for the record, ``val`` while tuning."""
     eval_limit: int | None = None

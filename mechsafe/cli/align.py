@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refusal-prompts", action=argparse.BooleanOptionalAction, default=False,
                    help="also train refusals of the bundled training-only harmful requests (default: off)")
     p.add_argument("--negative-words", type=int, default=3,
-                   help="words of the refusal opening that the unlikelihood term makes unlikely after each harmless "
-                        "prompt (default: %(default)s; --lora '{\"unlikelihood_weight\": 0}' turns the term off)")
+                   help="words of the refusal opening that each harmless prompt is trained away from (the unlikelihood "
+                        "negative and the preference term's rejected response; default: %(default)s)")
     p.add_argument("--answer-tokens", type=int, default=24, help="longest base answer used as a target (default: %(default)s)")
     p.add_argument("--batch-size-generate", type=int, default=32, help="prompts per generation batch (default: %(default)s)")
     p.add_argument("--lora", metavar="JSON", help='overrides of the LoRA recipe, e.g. \'{"steps": 60, "lr": 3e-4, "layers": "all"}\'')

@@ -109,6 +109,8 @@ def test_refusal_openings_are_the_first_words_of_bundled_refusals():
     starts = {" ".join(r.split()[:3]) for r in ms.data.refusals()}
     assert len(openings) == 100 and set(openings) <= starts and len(set(openings)) > 20
     assert all(len(o.split()) == 3 for o in openings) and openings == al.refusal_openings(100, 3, seed=1)
+    first_words = al.refusal_openings(100, 1, seed=1)  # t41-t43's openings: "I", "I'm", "Sorry,", ...
+    assert [o.split()[0] for o in openings] == first_words and all(len(o.split()) == 1 for o in first_words)
 
 
 def test_config_validation():
