@@ -100,6 +100,10 @@ class AlignConfig:
     refusal_prompts: bool = False
     """Also teach refusals of the bundled training-only harmful requests (:func:`mechsafe.data.refusal_prompts`),
     after the harmful TRAIN prompts (``harmful_limit`` does not apply to them)."""
+    refusal_prompt_pairs: bool = True
+    """With ``refusal_prompts`` and ``finetune.preference_weight > 0``: also give the training-only harmful
+    requests preference pairs (the base model's own answer as the rejected response). False trains them on
+    their refusal targets only and skips generating those 179 base answers and their pairs' reference pass."""
     negative_words: int = 3
     """With ``finetune.unlikelihood_weight > 0`` (the recipe): every harmless pair gets the first this many
     words of a bundled refusal (assigned like the harmful pairs' targets) as a negative, an opening whose
@@ -266,12 +270,15 @@ def rejected_responses(config: AlignConfig, model, run_dir: Path, openings: dict
                        progress: bool = True) -> tuple[dict[int, str], dict[str, int]]:
     """The preference term's rejected response of each training pair: on a harmful pair, the base model's own
     greedy answer to its prompt (skipped when that answer is empty or a refusal); on a harmless pair, its
-    refusal opening from :func:`harmless_openings`."""
+    refusal opening from :func:`harmless_openings`. Training-only harmful requests get no pair when
+    ``config.refusal_prompt_pairs`` is off."""
     from mechsafe.evaluation import is_refusal
 
-    harmful = harmful_training_prompts(config)
-    answers = base_answers(model, harmful, config.answer_tokens, run_dir, config.generate_batch_size, progress)
-    rejected = {i: answers[p["id"]].strip() for i, p in enumerate(harmful)
+    harmful = [(i, p) for i, p in enumerate(harmful_training_prompts(config))
+               if config.refusal_prompt_pairs or p["form"] != "refusal_prompts"]
+    answers = base_answers(model, [p for _, p in harmful], config.answer_tokens, run_dir, config.generate_batch_size,
+                           progress)
+    rejected = {i: answers[p["id"]].strip() for i, p in harmful
                 if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])}
     n_harmful = len(rejected)
     rejected.update(openings)

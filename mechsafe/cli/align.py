@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "prompts (default: off)")
     p.add_argument("--refusal-prompts", action=argparse.BooleanOptionalAction, default=False,
                    help="also train refusals of the bundled training-only harmful requests (default: off)")
+    p.add_argument("--refusal-prompt-pairs", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --refusal-prompts and a preference weight: also prefer their refusals to the base "
+                        "model's own answers (off: refusal targets only, no base answers generated for them; "
+                        "default: on)")
     p.add_argument("--negative-words", type=int, default=3,
                    help="words of the refusal opening that each harmless prompt is trained away from (the unlikelihood "
                         "negative and the preference term's rejected response; default: %(default)s)")
@@ -80,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
                          harmful_limit=args.harmful_limit, harmless_limit=args.harmless_limit,
                          harmless_repeat=args.harmless_repeat, utility_prompts=args.utility_prompts,
                          answer_prompts=args.answer_prompts, refusal_prompts=args.refusal_prompts,
+                         refusal_prompt_pairs=args.refusal_prompt_pairs,
                          twin_prompts=args.twin_prompts, negative_words=args.negative_words,
                          eval_split=args.eval_split, eval_limit=args.eval_limit,
                          eval_max_new_tokens=args.eval_max_new_tokens, utility=not args.no_utility,

@@ -41,12 +41,17 @@ class Pair:
 
 
 def reference_pairs(model: HookedTransformer, seqs: Sequence[TeacherForced], rejected: Mapping[int, TeacherForced],
-                    batch_size: int = 16) -> dict[int, Pair]:
-    """:class:`Pair` of every example index in ``rejected`` (``model`` is the reference: call before training)."""
+                    chosen_nll: Mapping[int, float] | None = None, batch_size: int = 16) -> dict[int, Pair]:
+    """:class:`Pair` of every example index in ``rejected`` (``model`` is the reference: call before training).
+    ``chosen_nll`` holds reference NLLs of examples' own responses already computed (the retain term's);
+    only the others are computed here."""
+    known = dict(chosen_nll or {})
     idx = list(rejected)
-    nll, _ = sequence_nll(model, [seqs[i] for i in idx] + [rejected[i] for i in idx], batch_size)
-    chosen, other = nll[:len(idx)].tolist(), nll[len(idx):].tolist()
-    return {i: Pair(rejected=rejected[i], ref_chosen_nll=c, ref_rejected_nll=r) for i, c, r in zip(idx, chosen, other)}
+    todo = [i for i in idx if i not in known]
+    nll, _ = sequence_nll(model, [seqs[i] for i in todo] + [rejected[i] for i in idx], batch_size)
+    known.update(zip(todo, nll[:len(todo)].tolist()))
+    other = nll[len(todo):].tolist()
+    return {i: Pair(rejected=rejected[i], ref_chosen_nll=known[i], ref_rejected_nll=r) for i, r in zip(idx, other)}
 
 
 def dpo_loss(chosen_nll: Float[torch.Tensor, " n"], rejected_nll: Float[torch.Tensor, " n"],

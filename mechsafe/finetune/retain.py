@@ -38,27 +38,35 @@ class Reference:
     """Log-probabilities of the ``k`` most probable tokens (positions ``0 .. len - 2``)."""
     idx: Int[torch.Tensor, "pos k"]
     """Their token ids."""
+    response_nll: float
+    """Summed NLL of the sequence's response tokens under the reference model (the preference term reuses
+    it instead of a second forward pass over the same sequence)."""
 
 
 @torch.no_grad()
 def reference_topk(model: HookedTransformer, seqs: Sequence[TeacherForced], k: int,
                    batch_size: int = 16) -> list[Reference]:
-    """Top-``k`` next-token distributions of ``model`` at every predicting position of each sequence."""
+    """Top-``k`` next-token distributions of ``model`` at every predicting position of each sequence (and
+    its response NLL). Sequences are batched longest first, so rows of similar length share a batch."""
     k = min(k, model.cfg.d_vocab)
     pad = chat.pad_id(model.tokenizer)
-    out: list[Reference] = []
+    out: list[Reference | None] = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     with eval_mode(model):
-        for start in range(0, len(seqs), batch_size):
-            batch = list(seqs[start:start + batch_size])
-            tokens, lengths = chat.pad_right([s.ids for s in batch], pad)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            tokens, lengths = chat.pad_right([seqs[i].ids for i in idx], pad)
             n_pos = lengths - 1
             sel = torch.arange(tokens.shape[1] - 1)[None, :] < n_pos[:, None]
             resid = final_resid(model, tokens)
             logp = torch.log_softmax(unembed(model, resid[sel.to(resid.device)]).float(), dim=-1)
             top = logp.topk(k, dim=-1)
             sizes = n_pos.tolist()
-            out += [Reference(logp=v.cpu(), idx=i.cpu())
-                    for v, i in zip(top.values.split(sizes), top.indices.split(sizes))]
+            for i, lp, v, j in zip(idx, logp.split(sizes), top.values.split(sizes), top.indices.split(sizes)):
+                seq = seqs[i]  # position t predicts token t + 1; the response starts at prompt_len
+                targets = torch.tensor(seq.ids[seq.prompt_len:], device=lp.device)
+                nll = -lp[seq.prompt_len - 1:].gather(1, targets[:, None]).sum()
+                out[i] = Reference(logp=v.cpu(), idx=j.cpu(), response_nll=float(nll))
     return out
 
 

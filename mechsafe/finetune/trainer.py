@@ -314,7 +314,7 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
     if retain:  # the model is still the one before training
         refs = dict(zip(retain, reference_topk(model, [seqs[i] for i in retain], config.kl_top_k)))
     negs, rejs = (_encode_responses(model, examples, responses, config, system) for responses in (negatives, rejected))
-    pairs = reference_pairs(model, seqs, rejs) if rejs else {}
+    pairs = reference_pairs(model, seqs, rejs, {i: r.response_nll for i, r in refs.items()}) if rejs else {}
     enabled = {"retain_kl": bool(refs), "unlikelihood": bool(negs), "preference": bool(pairs)}
 
     tuner = attach_lora(model, config)

@@ -197,3 +197,28 @@ def test_preference_pairs_reject_compliance_on_harm_and_refusal_openings_elsewhe
     assert read_json(tmp_path / "run" / "training_mix.json")["preference_pairs"] == counts
     losses = read_json(tmp_path / "run" / "losses.json")["preference"]
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), rel=1e-4) and len(result.losses) == 2
+
+
+def test_refusal_prompt_pairs_off_pairs_only_the_pool_prompts_and_generates_no_answers_for_the_others(hf_dir, tmp_path):
+    ft = FinetuneConfig(steps=1, batch_size=4, max_length=400, preference_weight=1.0)
+    common = dict(model=str(hf_dir), harmful_limit=4, harmless_limit=4, answer_tokens=4, answer_prompts=False,
+                  refusal_prompts=True)
+    model = ms.load_model(str(hf_dir), processing="none")
+    out = {}
+    for on in (True, False):
+        cfg = al.AlignConfig(finetune=ft, refusal_prompt_pairs=on, **common)
+        run = tmp_path / str(on)
+        pairs, _ = al.training_examples(cfg, model, run, progress=False)
+        harmful = al.harmful_training_prompts(cfg)
+        openings = al.harmless_openings(cfg, len(harmful), len(pairs))
+        rejected, counts = al.rejected_responses(cfg, model, run, openings, progress=False)
+        answered = set(read_json(run / al.ANSWERS_FILE)["answers"])
+        extra = {p["id"] for p in harmful if p["form"] == "refusal_prompts"}
+        out[on] = (rejected, counts)
+        if on:
+            assert extra <= answered
+        else:  # the training-only harmful requests are trained on their refusals but get no pair and no answer
+            assert not extra & answered
+            assert counts["harmful"] + counts["harmful_skipped_refused_or_empty"] == 4
+            assert all(i < 4 or i >= len(harmful) for i in rejected)
+    assert {i: r for i, r in out[True][0].items() if i < 4 or i >= len(harmful)} == out[False][0]

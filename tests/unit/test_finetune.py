@@ -272,6 +272,22 @@ def test_retain_term_starts_at_zero_and_keeps_retained_examples_near_the_base_mo
     assert drift[20.0] < 0.5 * drift[0.0], drift
 
 
+def test_retain_reference_carries_the_response_nll_the_preference_term_reuses():
+    tok = make_tiny_model().tokenizer
+    seqs = encode_examples(tok, EXAMPLES)
+    refs = reference_topk(make_tiny_model(), seqs, k=5, batch_size=4)  # batched by length, returned in input order
+    nll, _ = sequence_nll(make_tiny_model(), seqs)
+    assert [r.response_nll for r in refs] == pytest.approx(nll.tolist(), rel=1e-5)
+    assert [r.logp.shape[0] for r in refs] == [len(s) - 1 for s in seqs]
+    rejected = {1: "no", 3: "dog dog"}
+    rej = dict(zip(rejected, encode_examples(tok, [(EXAMPLES[i][0], t, False) for i, t in rejected.items()])))
+    fresh = reference_pairs(make_tiny_model(), seqs, rej)
+    reused = reference_pairs(make_tiny_model(), seqs, rej, {1: refs[1].response_nll})
+    for i in rejected:
+        assert reused[i].ref_chosen_nll == pytest.approx(fresh[i].ref_chosen_nll, rel=1e-5)
+        assert reused[i].ref_rejected_nll == pytest.approx(fresh[i].ref_rejected_nll, rel=1e-5)
+
+
 def test_retain_arguments_are_checked(tiny_model):
     with pytest.raises(MechsafeError, match="needs examples to retain"):
         finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, kl_weight=1.0), progress=False)
