@@ -109,6 +109,17 @@ class AlignConfig:
     words of a bundled refusal (assigned like the harmful pairs' targets) as a negative, an opening whose
     probability after that prompt the unlikelihood term pushes down; with ``finetune.preference_weight > 0``
     the same opening is the pair's rejected response."""
+    rejected_words: int | None = None
+    """With ``finetune.preference_weight > 0``: cut each harmful pair's rejected response (the base model's own
+    answer) to its first this many words, so that its margin is decided at the opening, as the harmless pairs'
+    one is (None: the whole answer of up to ``answer_tokens`` tokens). Refusals and empty answers are skipped
+    on the whole answer either way. Not chosen (t51, ``docs/align.md``)."""
+    harmful_negatives: bool = False
+    """With ``finetune.unlikelihood_weight > 0``: every harmful pair also gets a negative, the first
+    ``negative_words`` words of one of the harmless pairs' answers (assigned by a seeded permutation over the
+    answers whose first word opens no bundled refusal), so the term also pushes an answer's opening down after
+    a harmful prompt, at the token where the harmless pairs' negatives push a refusal's opening down. Not chosen
+    (t54: 22% more training time, ``docs/align.md``)."""
     eval_split: str = "test"
     """Held-out split the report is computed on: ``test`` for the record, ``val`` while tuning."""
     eval_limit: int | None = None
@@ -130,6 +141,8 @@ class AlignConfig:
         for name in ("answer_tokens", "eval_max_new_tokens", "generate_batch_size", "harmless_repeat", "negative_words"):
             if getattr(self, name) < 1:
                 raise MechsafeError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.rejected_words is not None and self.rejected_words < 1:
+            raise MechsafeError(f"rejected_words={self.rejected_words} must be a positive integer or None")
         for name in ("harmful_limit", "harmless_limit", "eval_limit"):
             value = getattr(self, name)
             if value is not None and value < 2:
@@ -266,10 +279,26 @@ def harmless_openings(config: AlignConfig, n_harmful: int, n_pairs: int) -> dict
     return dict(zip(harmless, refusal_openings(len(harmless), config.negative_words, config.seed)))
 
 
+def answer_openings(config: AlignConfig, pairs: list[tuple], n_harmful: int) -> dict[int, str]:
+    """The answer opening of each harmful training pair (the first ``n_harmful`` of ``pairs``): the first
+    ``config.negative_words`` words of the harmless pairs' answers, leaving out those whose first word is the first
+    word of a bundled refusal, in a seeded order cycled over the harmful pairs."""
+    refusal_starts = {r.split()[0] for r in refusals()}
+    answers = [p[1] for p in pairs[n_harmful:] if p[1].split()[0] not in refusal_starts]
+    if not answers:
+        raise MechsafeError("harmful_negatives needs harmless answers that do not open like a refusal; none were kept")
+    rng = np.random.default_rng(config.seed)
+    order: list[int] = []
+    while len(order) < n_harmful:
+        order += list(rng.permutation(len(answers)))
+    return {i: " ".join(answers[k].split()[:config.negative_words]) for i, k in enumerate(order[:n_harmful])}
+
+
 def rejected_responses(config: AlignConfig, model, run_dir: Path, openings: dict[int, str],
                        progress: bool = True) -> tuple[dict[int, str], dict[str, int]]:
     """The preference term's rejected response of each training pair: on a harmful pair, the base model's own
-    greedy answer to its prompt (skipped when that answer is empty or a refusal); on a harmless pair, its
+    greedy answer to its prompt (skipped when that answer is empty or a refusal; cut to its first
+    ``config.rejected_words`` words when set); on a harmless pair, its
     refusal opening from :func:`harmless_openings`. Training-only harmful requests get no pair when
     ``config.refusal_prompt_pairs`` is off."""
     from mechsafe.evaluation import is_refusal
@@ -280,6 +309,8 @@ def rejected_responses(config: AlignConfig, model, run_dir: Path, openings: dict
                            progress)
     rejected = {i: answers[p["id"]].strip() for i, p in harmful
                 if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])}
+    if config.rejected_words is not None:
+        rejected = {i: " ".join(text.split()[:config.rejected_words]) for i, text in rejected.items()}
     n_harmful = len(rejected)
     rejected.update(openings)
     return rejected, {"harmful": n_harmful, "harmful_skipped_refused_or_empty": len(harmful) - n_harmful,
@@ -407,6 +438,8 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     retain = range(n_harmful, len(pairs)) if config.finetune.kl_weight > 0 else None
     # and with the unlikelihood term, the opening of a refusal is made unlikely after it
     negatives = openings if config.finetune.unlikelihood_weight > 0 else None
+    if negatives is not None and config.harmful_negatives:  # and an answer's opening unlikely after a harmful prompt
+        negatives = answer_openings(config, pairs, n_harmful) | negatives
     result = finetune(model, pairs, config.finetune, run_dir=run_dir / "finetune", resume=resume, progress=progress,
                       retain=retain, negatives=negatives, rejected=rejected)
     timings["finetune"] = time.perf_counter() - t0

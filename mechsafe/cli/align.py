@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-words", type=int, default=3,
                    help="words of the refusal opening that each harmless prompt is trained away from (the unlikelihood "
                         "negative and the preference term's rejected response; default: %(default)s)")
+    p.add_argument("--harmful-negatives", action=argparse.BooleanOptionalAction, default=False,
+                   help="with the unlikelihood term: also train each harmful prompt away from the opening of a harmless "
+                        "answer (default: off)")
+    p.add_argument("--rejected-words", type=int,
+                   help="with a preference weight: cut each harmful prompt's rejected base answer to its first N words "
+                        "(default: the whole answer)")
     p.add_argument("--answer-tokens", type=int, default=24, help="longest base answer used as a target (default: %(default)s)")
     p.add_argument("--batch-size-generate", type=int, default=32, help="prompts per generation batch (default: %(default)s)")
     p.add_argument("--lora", metavar="JSON", help='overrides of the LoRA recipe, e.g. \'{"steps": 60, "lr": 3e-4, "layers": "all"}\'')
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                          answer_prompts=args.answer_prompts, refusal_prompts=args.refusal_prompts,
                          refusal_prompt_pairs=args.refusal_prompt_pairs,
                          twin_prompts=args.twin_prompts, negative_words=args.negative_words,
+                         rejected_words=args.rejected_words, harmful_negatives=args.harmful_negatives,
                          eval_split=args.eval_split, eval_limit=args.eval_limit,
                          eval_max_new_tokens=args.eval_max_new_tokens, utility=not args.no_utility,
                          generate_batch_size=args.batch_size_generate, seed=args.seed)

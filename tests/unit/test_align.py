@@ -199,6 +199,50 @@ def test_preference_pairs_reject_compliance_on_harm_and_refusal_openings_elsewhe
     assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), rel=1e-4) and len(result.losses) == 2
 
 
+def test_rejected_words_cuts_the_harmful_rejected_answers_to_their_opening_and_keeps_the_same_pairs(hf_dir, tmp_path):
+    common = dict(model=str(hf_dir), finetune=FinetuneConfig(preference_weight=1.0), harmful_limit=4, harmless_limit=4,
+                  answer_tokens=6, answer_prompts=False)
+    model = ms.load_model(str(hf_dir), processing="none")
+    full_cfg, cut_cfg = al.AlignConfig(**common), al.AlignConfig(rejected_words=2, **common)
+    pairs, _ = al.training_examples(full_cfg, model, tmp_path, progress=False)
+    openings = al.harmless_openings(full_cfg, 4, len(pairs))
+    full, counts = al.rejected_responses(full_cfg, model, tmp_path, openings, progress=False)
+    cut, cut_counts = al.rejected_responses(cut_cfg, model, tmp_path, openings, progress=False)
+    assert cut_counts == counts and set(cut) == set(full)
+    harmful = [i for i in full if i < 4]
+    assert harmful and all(cut[i] == " ".join(full[i].split()[:2]) and len(cut[i].split()) <= 2 for i in harmful)
+    assert any(len(full[i].split()) > 2 for i in harmful)  # the cut changed something
+    assert all(cut[i] == full[i] for i in full if i >= 4)  # the harmless pairs' openings are untouched
+    with pytest.raises(MechsafeError, match="rejected_words"):
+        al.AlignConfig(rejected_words=0)
+
+
+def test_answer_openings_give_every_harmful_pair_an_opening_no_refusal_starts_with():
+    starts = {r.split()[0] for r in refusals()}
+    assert {"I", "I'm"} <= starts and not {"The", "Sure,"} & starts
+    harmful = [("harmful prompt", "refusal")] * 5
+    harmless = [("q1", "The cat sat.", True), ("q2", "I'm glad you asked.", True), ("q3", "Sure, here it is.", False),
+                ("q4", "I can do that.", True)]
+    cfg = al.AlignConfig(negative_words=1, seed=3)
+    out = al.answer_openings(cfg, harmful + harmless, 5)
+    assert sorted(out) == list(range(5)) and set(out.values()) == {"The", "Sure,"}
+    assert sorted(list(out.values()).count(w) for w in ("The", "Sure,")) == [2, 3]  # cycled: each used about equally
+    assert out == al.answer_openings(cfg, harmful + harmless, 5)
+    assert set(al.answer_openings(al.AlignConfig(negative_words=2), harmful + harmless, 5).values()) == {"The cat", "Sure, here"}
+    with pytest.raises(MechsafeError, match="harmful_negatives"):
+        al.answer_openings(cfg, harmful + harmless[1:2], 5)
+
+
+def test_harmful_negatives_give_every_pair_a_negative_in_an_align_run(hf_dir, tmp_path):
+    ft = FinetuneConfig(steps=1, batch_size=4, max_length=400, unlikelihood_weight=1.0)
+    cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
+                         answer_prompts=False, harmful_negatives=True, eval_split="val", eval_limit=2,
+                         eval_max_new_tokens=2, utility=False)
+    al.align(cfg, out=tmp_path / "aligned", run_dir=tmp_path / "run", progress=False)
+    fin = read_json(tmp_path / "run" / "finetune" / "run.json")
+    assert fin["n_negatives"] == read_json(tmp_path / "run" / "training_mix.json")["n_examples"]
+
+
 def test_refusal_prompt_pairs_off_pairs_only_the_pool_prompts_and_generates_no_answers_for_the_others(hf_dir, tmp_path):
     ft = FinetuneConfig(steps=1, batch_size=4, max_length=400, preference_weight=1.0)
     common = dict(model=str(hf_dir), harmful_limit=4, harmless_limit=4, answer_tokens=4, answer_prompts=False,
