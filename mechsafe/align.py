@@ -219,11 +219,16 @@ def assign_refusals(n: int, seed: int = 0) -> list[str]:
     texts = refusals()
     if not texts:
         raise MechsafeError("the bundled refusal responses are missing; reinstall mechsafe")
+    return [texts[i] for i in cycled_order(len(texts), n, seed)]
+
+
+def cycled_order(size: int, n: int, seed: int) -> list[int]:
+    """``n`` indices into ``size`` items: seeded permutations of them, one after another (each used ~equally)."""
     rng = np.random.default_rng(seed)
-    out: list[str] = []
-    while len(out) < n:
-        out += [texts[i] for i in rng.permutation(len(texts))]
-    return out[:n]
+    order: list[int] = []
+    while len(order) < n:
+        order += [int(i) for i in rng.permutation(size)]
+    return order[:n]
 
 
 def refusal_openings(n: int, words: int, seed: int = 0) -> list[str]:
@@ -287,11 +292,8 @@ def answer_openings(config: AlignConfig, pairs: list[tuple], n_harmful: int) -> 
     answers = [p[1] for p in pairs[n_harmful:] if p[1].split()[0] not in refusal_starts]
     if not answers:
         raise MechsafeError("harmful_negatives needs harmless answers that do not open like a refusal; none were kept")
-    rng = np.random.default_rng(config.seed)
-    order: list[int] = []
-    while len(order) < n_harmful:
-        order += list(rng.permutation(len(answers)))
-    return {i: " ".join(answers[k].split()[:config.negative_words]) for i, k in enumerate(order[:n_harmful])}
+    order = cycled_order(len(answers), n_harmful, config.seed)
+    return {i: " ".join(answers[k].split()[:config.negative_words]) for i, k in enumerate(order)}
 
 
 def rejected_responses(config: AlignConfig, model, run_dir: Path, openings: dict[int, str],
