@@ -233,7 +233,12 @@ def cycled_order(size: int, n: int, seed: int) -> list[int]:
 
 def refusal_openings(n: int, words: int, seed: int = 0) -> list[str]:
     """``n`` refusal openings: the first ``words`` words of :func:`assign_refusals`' targets."""
-    return [" ".join(r.split()[:words]) for r in assign_refusals(n, seed)]
+    return [opening(r, words) for r in assign_refusals(n, seed)]
+
+
+def opening(text: str, words: int) -> str:
+    """The first ``words`` whitespace-separated words of ``text``, joined by single spaces."""
+    return " ".join(text.split()[:words])
 
 
 def base_answers(model, prompts: list[dict[str, str]], max_new_tokens: int, run_dir: Path, batch_size: int = 32,
@@ -293,7 +298,7 @@ def answer_openings(config: AlignConfig, pairs: list[tuple], n_harmful: int) -> 
     if not answers:
         raise MechsafeError("harmful_negatives needs harmless answers that do not open like a refusal; none were kept")
     order = cycled_order(len(answers), n_harmful, config.seed)
-    return {i: " ".join(answers[k].split()[:config.negative_words]) for i, k in enumerate(order)}
+    return {i: opening(answers[k], config.negative_words) for i, k in enumerate(order)}
 
 
 def rejected_responses(config: AlignConfig, model, run_dir: Path, openings: dict[int, str],
@@ -312,7 +317,7 @@ def rejected_responses(config: AlignConfig, model, run_dir: Path, openings: dict
     rejected = {i: answers[p["id"]].strip() for i, p in harmful
                 if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])}
     if config.rejected_words is not None:
-        rejected = {i: " ".join(text.split()[:config.rejected_words]) for i, text in rejected.items()}
+        rejected = {i: opening(text, config.rejected_words) for i, text in rejected.items()}
     n_harmful = len(rejected)
     rejected.update(openings)
     return rejected, {"harmful": n_harmful, "harmful_skipped_refused_or_empty": len(harmful) - n_harmful,
