@@ -34,6 +34,7 @@ test-unit: install
 bench: install
 	$(BIN)/python benchmarks/bench_activations.py
 	$(BIN)/python benchmarks/bench_generation.py
+	$(BIN)/python benchmarks/bench_finetune_precision.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

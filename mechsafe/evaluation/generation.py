@@ -40,11 +40,16 @@ def pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Int[torch.Tensor,
 
 
 def unembed(model: HookedTransformer, resid: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_vocab"]:
-    """Final norm, unembedding and logit soft cap of residual vectors (only the positions that are needed)."""
-    x = resid.unsqueeze(1)
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    logits = model.unembed(x)[:, 0]
+    """Final norm, unembedding and logit soft cap of residual vectors (only the positions that are needed).
+
+    Always in the model's own dtype, also under ``torch.autocast``: bfloat16 logits would round by up to
+    0.1 at typical magnitudes, more than the log-probability differences the losses work with.
+    """
+    x = resid.unsqueeze(1).to(model.cfg.dtype)
+    with torch.autocast(resid.device.type, enabled=False):
+        if model.cfg.normalization_type is not None:
+            x = model.ln_final(x)
+        logits = model.unembed(x)[:, 0]
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)

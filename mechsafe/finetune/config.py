@@ -15,6 +15,7 @@ ATTN_TARGETS = ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O")
 TARGETS = MLP_TARGETS + ATTN_TARGETS
 """Every weight a :class:`FinetuneConfig` may target."""
 SCHEDULES = ("constant", "linear")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -88,6 +89,11 @@ class FinetuneConfig:
     """Call ``callback(step, model)`` every this many steps (also before the first and after the last)."""
     merge: bool = True
     """Merge the adapters into the weights at the end (a plain ``HookedTransformer``); False keeps the PEFT wrappers."""
+    precision: str = "float32"
+    """``bfloat16``: mixed precision, the training forward passes run under ``torch.autocast`` with bfloat16
+    matrix products (faster on CPUs with AMX or AVX512-BF16 and on recent GPUs); the weights, LoRA factors,
+    optimizer state, losses and the reference passes of the retain and preference terms stay float32.
+    ``float32``: everything in float32."""
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -129,6 +135,8 @@ class FinetuneConfig:
             raise MechsafeError(f"steps={self.steps!r} must be a positive integer")
         if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
             raise MechsafeError(f"epochs={self.epochs} must be a positive number")
+        if self.precision not in PRECISIONS:
+            raise MechsafeError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.schedule not in SCHEDULES:
             raise MechsafeError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

@@ -14,6 +14,7 @@ Run-directory layout (when ``run_dir`` is given)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -97,6 +98,8 @@ class FinetuneResult:
 def _fingerprint(config: FinetuneConfig, examples: Sequence[tuple], system: str | None, retain: list[int],
                  negatives: dict[int, str], rejected: dict[int, str]) -> str:
     relevant = {k: v for k, v in config.to_dict().items() if k not in _RESUME_IRRELEVANT}
+    if relevant["precision"] == "float32":  # (absent by default, so checkpoints written before it existed still resume)
+        del relevant["precision"]
     data = {"config": relevant, "examples": [list(e) for e in examples], "system": system,
             "retain": retain, "negatives": sorted(negatives.items())}
     if rejected:  # (absent when off, so checkpoints written before the term existed still resume)
@@ -222,6 +225,13 @@ def _alternative_nll(model: HookedTransformer, mb: list[int], negs: dict[int, Te
     return {key: nll[row] for key, row in where.items()}
 
 
+def _autocast(model: HookedTransformer, config: FinetuneConfig):
+    """The forward passes' precision context: bfloat16 autocast for ``precision="bfloat16"``, else none."""
+    if config.precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(model.cfg.device).type, dtype=torch.bfloat16)
+
+
 def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[int]], pad: int,
           refs: dict[int, Reference], negs: dict[int, TeacherForced], pairs: dict[int, Pair],
           config: FinetuneConfig) -> tuple[float, dict[str, float | None]]:
@@ -236,29 +246,30 @@ def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[
               "preference": sum(i in pairs for mb in micro for i in mb)}
     nll_total, totals = 0.0, dict.fromkeys(TERMS, 0.0)
     for mb in micro:
-        tokens, mask = collate([seqs[i] for i in mb], pad)
-        resid = final_resid(model, tokens)
-        row_nll = masked_nll(model, tokens, mask, resid=resid)
-        nll_sum = row_nll.sum()
-        loss = nll_sum / n_tokens
-        rows = [r for r, i in enumerate(mb) if i in refs]
-        if rows:
-            kl_sum = retain_kl_sum(model, resid, rows, [refs[mb[r]] for r in rows])
-            loss = loss + config.kl_weight * kl_sum / counts["retain_kl"]
-            totals["retain_kl"] += float(kl_sum.detach())
-        alt = _alternative_nll(model, mb, negs, pairs, pad)
-        negative = [i for i in mb if i in negs]
-        if negative:  # the opening of a response the model should not give, after the same prompt
-            ul_sum = unlikelihood(torch.stack([alt[("neg", i)] for i in negative])).sum()
-            loss = loss + config.unlikelihood_weight * ul_sum / counts["unlikelihood"]
-            totals["unlikelihood"] += float(ul_sum.detach())
-        preferred = [r for r, i in enumerate(mb) if i in pairs]
-        if preferred:  # the example's own response over its rejected one, relative to the starting model
-            rejected_nll = torch.stack([alt[("rej", mb[r])] for r in preferred])
-            pref_sum = dpo_loss(row_nll[preferred], rejected_nll, [pairs[mb[r]] for r in preferred],
-                                config.preference_beta).sum()
-            loss = loss + config.preference_weight * pref_sum / counts["preference"]
-            totals["preference"] += float(pref_sum.detach())
+        with _autocast(model, config):
+            tokens, mask = collate([seqs[i] for i in mb], pad)
+            resid = final_resid(model, tokens)
+            row_nll = masked_nll(model, tokens, mask, resid=resid)
+            nll_sum = row_nll.sum()
+            loss = nll_sum / n_tokens
+            rows = [r for r, i in enumerate(mb) if i in refs]
+            if rows:
+                kl_sum = retain_kl_sum(model, resid, rows, [refs[mb[r]] for r in rows])
+                loss = loss + config.kl_weight * kl_sum / counts["retain_kl"]
+                totals["retain_kl"] += float(kl_sum.detach())
+            alt = _alternative_nll(model, mb, negs, pairs, pad)
+            negative = [i for i in mb if i in negs]
+            if negative:  # the opening of a response the model should not give, after the same prompt
+                ul_sum = unlikelihood(torch.stack([alt[("neg", i)] for i in negative])).sum()
+                loss = loss + config.unlikelihood_weight * ul_sum / counts["unlikelihood"]
+                totals["unlikelihood"] += float(ul_sum.detach())
+            preferred = [r for r, i in enumerate(mb) if i in pairs]
+            if preferred:  # the example's own response over its rejected one, relative to the starting model
+                rejected_nll = torch.stack([alt[("rej", mb[r])] for r in preferred])
+                pref_sum = dpo_loss(row_nll[preferred], rejected_nll, [pairs[mb[r]] for r in preferred],
+                                    config.preference_beta).sum()
+                loss = loss + config.preference_weight * pref_sum / counts["preference"]
+                totals["preference"] += float(pref_sum.detach())
         loss.backward()
         nll_total += float(nll_sum.detach())
     return nll_total / n_tokens, {k: totals[k] / counts[k] if counts[k] else None for k in TERMS}

@@ -9,6 +9,7 @@ from transformer_lens import HookedTransformer
 import mechsafe as ms
 from mechsafe import chat
 from mechsafe.errors import MechsafeError
+from mechsafe.evaluation.generation import unembed
 from mechsafe.finetune import (FinetuneConfig, adapted_weight, attach_lora, encode_examples, example_order, finetune,
                                has_lora, merge_lora, response_nll, sequence_nll)
 from mechsafe.finetune.preference import Pair, dpo_loss, reference_pairs
@@ -136,6 +137,40 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, kl_weight):
                  progress=False)
 
 
+def test_bfloat16_autocast_trains_like_float32_and_keeps_float32_state(tmp_path):
+    """Mixed precision: the training forward runs bfloat16 matrix products (seen by a hook), the losses follow
+    the float32 run closely, the LoRA factors stay float32, and the two precisions do not share checkpoints."""
+    kw = dict(steps=6, batch_size=3, lr=1e-2, targets=ALL, kl_weight=1.0, unlikelihood_weight=1.0)
+    terms = dict(progress=False, retain=[0, 1], negatives={2: "no"})
+    results, dtypes = {}, {}
+    for precision in ("float32", "bfloat16"):
+        model = make_tiny_model()
+        seen = set()
+        model.blocks[0].hook_mlp_out.add_hook(lambda act, hook: seen.add(act.dtype))
+        lora_dtypes = set()
+        cfg = FinetuneConfig(precision=precision, merge=False, **kw)
+        results[precision] = finetune(model, EXAMPLES, cfg, callback=lambda step, m: lora_dtypes.update(
+            p.dtype for n, p in m.named_parameters() if "lora_" in n), **terms)
+        model.reset_hooks(including_permanent=True)
+        dtypes[precision] = seen
+        assert lora_dtypes == {torch.float32}
+        results[precision].merge()
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert dtypes["float32"] == {torch.float32} and torch.bfloat16 in dtypes["bfloat16"]
+    model = make_tiny_model()  # the losses' logits stay float32 under autocast
+    resid = final_resid(model, TOKENS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = unembed(model, resid[0])
+    assert logits.dtype == torch.float32 and torch.equal(logits, unembed(model, resid[0]))
+    f32, b16 = results["float32"], results["bfloat16"]
+    assert f32.losses != b16.losses  # the precision did change the arithmetic
+    assert max(abs(a - b) for a, b in zip(f32.losses, b16.losses)) < 0.05 * max(f32.losses)
+    assert b16.losses[-1] < b16.losses[0]
+    finetune(make_tiny_model(), EXAMPLES, FinetuneConfig(precision="bfloat16", **kw), run_dir=tmp_path, **terms)
+    with pytest.raises(MechsafeError, match="another config"):
+        finetune(make_tiny_model(), EXAMPLES, FinetuneConfig(**kw), run_dir=tmp_path, **terms)
+
+
 def test_merge_equals_adapted_outputs_and_leaves_a_plain_model(tiny_model):
     names = [n for n, _ in tiny_model.named_parameters()]
     tuner = attach_lora(tiny_model, FinetuneConfig(targets=ALL, layers="0,2"))
@@ -210,6 +245,7 @@ def test_example_order_is_a_seeded_permutation_per_epoch():
     (dict(steps=3, epochs=1.0), "either steps or epochs"),
     (dict(schedule="cosine"), "schedule"),
     (dict(lr=-1.0), "lr"),
+    (dict(precision="float16"), "unknown precision"),
 ])
 def test_config_validation(kwargs, needle):
     with pytest.raises(MechsafeError, match=needle):
