@@ -91,7 +91,8 @@ class FinetuneConfig:
     """Merge the adapters into the weights at the end (a plain ``HookedTransformer``); False keeps the PEFT wrappers."""
     precision: str = "float32"
     """``bfloat16``: mixed precision, the training forward passes run under ``torch.autocast`` with bfloat16
-    matrix products (faster on CPUs with AMX or AVX512-BF16 and on recent GPUs); the weights, LoRA factors,
+    matrix products (faster where matrix products dominate a step, on CPUs with AMX or AVX512-BF16 and on
+    recent GPUs; ``docs/finetune.md`` gives measured gains); the weights, LoRA factors,
     optimizer state, losses and the reference passes of the retain and preference terms stay float32.
     ``float32``: everything in float32."""
 
