@@ -7,7 +7,9 @@ harmful TRAIN prompts paired with bundled refusals (no generation needed). Each 
 training callbacks, so the one-off reference pass is left out) and the fastest run of each is compared.
 Both runs see the same examples in the same order, so their losses must agree closely. The last line is
 ``bf16_vs_fp32_step_speedup=<x>`` (above 1: bfloat16 is faster; expect about 1 without native bfloat16
-matrix units, such as AMX or AVX512-BF16 on CPUs).
+matrix units, such as AMX or AVX512-BF16 on CPUs). This workload is mostly matrix products; on the full
+align workload (unlikelihood and preference terms, longer retained rows) the gain did not carry over to
+the whole LoRA stage, see ``docs/finetune.md``.
 
     python benchmarks/bench_finetune_precision.py [--repeats 2] [--steps 6] [--batch-size 8]
 """
