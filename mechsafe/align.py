@@ -293,8 +293,8 @@ def answer_openings(config: AlignConfig, pairs: list[tuple], n_harmful: int) -> 
     """The answer opening of each harmful training pair (the first ``n_harmful`` of ``pairs``): the first
     ``config.negative_words`` words of the harmless pairs' answers, leaving out those whose first word is the first
     word of a bundled refusal, in a seeded order cycled over the harmful pairs."""
-    refusal_starts = {r.split()[0] for r in refusals()}
-    answers = [p[1] for p in pairs[n_harmful:] if p[1].split()[0] not in refusal_starts]
+    refusal_starts = {opening(r, 1) for r in refusals()}
+    answers = [p[1] for p in pairs[n_harmful:] if opening(p[1], 1) not in refusal_starts]
     if not answers:
         raise MechsafeError("harmful_negatives needs harmless answers that do not open like a refusal; none were kept")
     order = cycled_order(len(answers), n_harmful, config.seed)
