@@ -120,6 +120,12 @@ class AlignConfig:
     answers whose first word opens no bundled refusal), so the term also pushes an answer's opening down after
     a harmful prompt, at the token where the harmless pairs' negatives push a refusal's opening down. Not chosen
     (t54: 22% more training time, ``docs/align.md``)."""
+    recovery_words: int = 0
+    """Safety recovery examples (Qi et al., 2025, "Safety alignment should be made more than just a few tokens
+    deep"): with ``k > 0``, every harmful training prompt whose base answer is neither empty nor a refusal gets
+    a second example: the first ``j`` words of that answer (``j`` drawn uniformly from 1..k, seeded) open the
+    response unscored, and the prompt's refusal follows, so the model learns to turn back to a refusal after it
+    has started to comply. 0: off."""
     eval_split: str = "test"
     """Held-out split the report is computed on: ``test`` for the record, ``val`` while tuning."""
     eval_limit: int | None = None
@@ -141,6 +147,8 @@ class AlignConfig:
         for name in ("answer_tokens", "eval_max_new_tokens", "generate_batch_size", "harmless_repeat", "negative_words"):
             if getattr(self, name) < 1:
                 raise MechsafeError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.recovery_words < 0:
+            raise MechsafeError(f"recovery_words={self.recovery_words} must be a non-negative integer (0: off)")
         if self.rejected_words is not None and self.rejected_words < 1:
             raise MechsafeError(f"rejected_words={self.rejected_words} must be a positive integer or None")
         for name in ("harmful_limit", "harmless_limit", "eval_limit"):
@@ -301,27 +309,43 @@ def answer_openings(config: AlignConfig, pairs: list[tuple], n_harmful: int) -> 
     return {i: opening(answers[k], config.negative_words) for i, k in enumerate(order)}
 
 
+def harmful_answers(config: AlignConfig, model, run_dir: Path, skip_forms: tuple[str, ...] = (),
+                    progress: bool = True) -> tuple[dict[int, str], int]:
+    """The base model's own greedy answer to each harmful training prompt (index among
+    :func:`harmful_training_prompts`, leaving out the forms in ``skip_forms``) where that answer is neither empty
+    nor a refusal, and how many prompts were asked."""
+    from mechsafe.evaluation import is_refusal
+
+    harmful = [(i, p) for i, p in enumerate(harmful_training_prompts(config)) if p["form"] not in skip_forms]
+    answers = base_answers(model, [p for _, p in harmful], config.answer_tokens, run_dir, config.generate_batch_size,
+                           progress)
+    return {i: answers[p["id"]].strip() for i, p in harmful
+            if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])}, len(harmful)
+
+
 def rejected_responses(config: AlignConfig, model, run_dir: Path, openings: dict[int, str],
                        progress: bool = True) -> tuple[dict[int, str], dict[str, int]]:
     """The preference term's rejected response of each training pair: on a harmful pair, the base model's own
-    greedy answer to its prompt (skipped when that answer is empty or a refusal; cut to its first
-    ``config.rejected_words`` words when set); on a harmless pair, its
-    refusal opening from :func:`harmless_openings`. Training-only harmful requests get no pair when
-    ``config.refusal_prompt_pairs`` is off."""
-    from mechsafe.evaluation import is_refusal
-
-    harmful = [(i, p) for i, p in enumerate(harmful_training_prompts(config))
-               if config.refusal_prompt_pairs or p["form"] != "refusal_prompts"]
-    answers = base_answers(model, [p for _, p in harmful], config.answer_tokens, run_dir, config.generate_batch_size,
-                           progress)
-    rejected = {i: answers[p["id"]].strip() for i, p in harmful
-                if answers[p["id"]].strip() and not is_refusal(answers[p["id"]])}
+    greedy answer to its prompt (:func:`harmful_answers`; cut to its first ``config.rejected_words`` words when
+    set); on a harmless pair, its refusal opening from :func:`harmless_openings`. Training-only harmful requests
+    get no pair when ``config.refusal_prompt_pairs`` is off."""
+    skip = () if config.refusal_prompt_pairs else ("refusal_prompts",)
+    rejected, n_asked = harmful_answers(config, model, run_dir, skip, progress)
     if config.rejected_words is not None:
         rejected = {i: opening(text, config.rejected_words) for i, text in rejected.items()}
     n_harmful = len(rejected)
     rejected.update(openings)
-    return rejected, {"harmful": n_harmful, "harmful_skipped_refused_or_empty": len(harmful) - n_harmful,
+    return rejected, {"harmful": n_harmful, "harmful_skipped_refused_or_empty": n_asked - n_harmful,
                       "harmless": len(openings)}
+
+
+def recovery_examples(config: AlignConfig, pairs: list[tuple], answers: dict[int, str]) -> list[tuple]:
+    """Safety recovery examples (see ``AlignConfig.recovery_words``): for each harmful pair ``i`` with a base
+    answer in ``answers``, ``(prompt, " " + refusal, True, prefix)`` where the prefix is the answer's first ``j``
+    words, ``j`` drawn uniformly from ``1..config.recovery_words`` (seeded by ``config.seed``)."""
+    rng = np.random.default_rng([config.seed, config.recovery_words])
+    return [(pairs[i][0], " " + pairs[i][1], True, opening(answers[i], int(rng.integers(1, config.recovery_words + 1))))
+            for i in sorted(answers)]
 
 
 def training_examples(config: AlignConfig, model, run_dir: Path, progress: bool = True) -> tuple[list[tuple[str, str]], dict[str, Any]]:
@@ -431,22 +455,27 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     t0 = time.perf_counter()
     model = load_model(config.model, processing="none")
     pairs, mix = training_examples(config, model, run_dir, progress)
-    n_harmful = sum(mix["harmful"].values())  # harmful pairs come first
-    openings = harmless_openings(config, n_harmful, len(pairs))
+    n_harmful = sum(mix["harmful"].values())  # harmful pairs come first, then the harmless ones
+    n_main = len(pairs)
+    openings = harmless_openings(config, n_harmful, n_main)
     rejected = None
     if config.finetune.preference_weight > 0:  # refusal over compliance on harm, the answer over a refusal on the rest
         rejected, mix["preference_pairs"] = rejected_responses(config, model, run_dir, openings, progress)
+    if config.recovery_words:  # and last, the recovery examples: a compliant opening, then the refusal
+        pairs += recovery_examples(config, pairs, harmful_answers(config, model, run_dir, progress=progress)[0])
+        mix["recovery_examples"] = len(pairs) - n_main
+        mix["n_examples"] = len(pairs)
     write_json(run_dir / "training_mix.json", mix)
     timings["base_answers"] = time.perf_counter() - t0
     logger.info("training on %d pairs: %s", len(pairs), mix)
 
     t0 = time.perf_counter()
     # with the retain term on, every harmless pair is held near the base model
-    retain = range(n_harmful, len(pairs)) if config.finetune.kl_weight > 0 else None
+    retain = range(n_harmful, n_main) if config.finetune.kl_weight > 0 else None
     # and with the unlikelihood term, the opening of a refusal is made unlikely after it
     negatives = openings if config.finetune.unlikelihood_weight > 0 else None
     if negatives is not None and config.harmful_negatives:  # and an answer's opening unlikely after a harmful prompt
-        negatives = answer_openings(config, pairs, n_harmful) | negatives
+        negatives = answer_openings(config, pairs[:n_main], n_harmful) | negatives
     result = finetune(model, pairs, config.finetune, run_dir=run_dir / "finetune", resume=resume, progress=progress,
                       retain=retain, negatives=negatives, rejected=rejected)
     timings["finetune"] = time.perf_counter() - t0

@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rejected-words", type=int,
                    help="with a preference weight: cut each harmful prompt's rejected base answer to its first N words "
                         "(default: the whole answer)")
+    p.add_argument("--recovery-words", type=int, default=0, metavar="K",
+                   help="safety recovery examples: each harmful prompt also teaches its refusal after the first 1..K "
+                        "words of the base model's own answer (Qi et al., 2025; default: 0, off)")
     p.add_argument("--answer-tokens", type=int, default=24, help="longest base answer used as a target (default: %(default)s)")
     p.add_argument("--batch-size-generate", type=int, default=32, help="prompts per generation batch (default: %(default)s)")
     p.add_argument("--lora", metavar="JSON", help='overrides of the LoRA recipe, e.g. \'{"steps": 60, "lr": 3e-4, "layers": "all"}\'')
@@ -93,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                          refusal_prompt_pairs=args.refusal_prompt_pairs,
                          twin_prompts=args.twin_prompts, negative_words=args.negative_words,
                          rejected_words=args.rejected_words, harmful_negatives=args.harmful_negatives,
+                         recovery_words=args.recovery_words,
                          eval_split=args.eval_split, eval_limit=args.eval_limit,
                          eval_max_new_tokens=args.eval_max_new_tokens, utility=not args.no_utility,
                          generate_batch_size=args.batch_size_generate, seed=args.seed)

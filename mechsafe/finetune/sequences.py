@@ -44,29 +44,33 @@ class TeacherForced:
         return len(self.ids)
 
 
-def check_examples(examples: Sequence[tuple]) -> list[tuple[str, str, bool]]:
+def check_examples(examples: Sequence[tuple]) -> list[tuple[str, str, bool, str]]:
     """Validate examples: ``(prompt, response)`` pairs of non-empty strings, optionally with a third
     element ``close_turn`` (default True; False for a response cut short, which must not be taught
-    to end the turn). Returns ``(prompt, response, close_turn)`` triples."""
+    to end the turn) and a fourth, ``prefix`` (default ``""``): text that opens the response and is
+    teacher-forced but not scored, so the loss covers only what follows it (``response`` continues it
+    directly: include a leading space where one belongs). Returns ``(prompt, response, close_turn,
+    prefix)`` tuples."""
     if not examples:
         raise MechsafeError("no (prompt, response) examples to train on; pass a non-empty list")
     out = []
     for i, ex in enumerate(examples):
-        ok = isinstance(ex, (tuple, list)) and len(ex) in (2, 3) and all(isinstance(s, str) and s.strip() for s in ex[:2])
-        if not ok or (len(ex) == 3 and not isinstance(ex[2], bool)):
-            raise MechsafeError(f"example {i} is not a (prompt, response[, close_turn]) tuple of non-empty strings; "
-                                "fix the data")
-        out.append((ex[0], ex[1], bool(ex[2]) if len(ex) == 3 else True))
+        ok = isinstance(ex, (tuple, list)) and len(ex) in (2, 3, 4) and all(isinstance(s, str) and s.strip() for s in ex[:2])
+        if not ok or (len(ex) >= 3 and not isinstance(ex[2], bool)) or (len(ex) == 4 and not isinstance(ex[3], str)):
+            raise MechsafeError(f"example {i} is not a (prompt, response[, close_turn[, prefix]]) tuple of non-empty "
+                                "strings; fix the data")
+        out.append((ex[0], ex[1], bool(ex[2]) if len(ex) >= 3 else True, ex[3] if len(ex) == 4 else ""))
     return out
 
 
 def encode_examples(tokenizer, examples: Sequence[tuple], max_length: int = 256,
                     system: str | None = None) -> list[TeacherForced]:
-    """Tokenize (prompt, response[, close_turn]) examples for teacher forcing.
+    """Tokenize (prompt, response[, close_turn[, prefix]]) examples for teacher forcing.
 
     A pair longer than ``max_length`` keeps its prompt (its user text trimmed from the start when
     the prompt alone leaves no room, like :func:`mechsafe.chat.encode_prompts`) and loses the end
-    of its response; at least one response token always remains.
+    of its response; at least one response token always remains. A prefix counts as part of the
+    prompt (``prompt_len`` includes it), so it is never scored.
     """
     examples = check_examples(examples)
     if max_length < 2:
@@ -74,10 +78,13 @@ def encode_examples(tokenizer, examples: Sequence[tuple], max_length: int = 256,
     eot = chat.end_of_turn(tokenizer)
     prompts = chat.encode_prompts(tokenizer, [ex[0] for ex in examples], system=system, max_length=max_length - 1)
     out = []
-    for enc, (_, response, close_turn) in zip(prompts, examples):
+    for i, (enc, (_, response, close_turn, prefix)) in enumerate(zip(prompts, examples)):
+        head = list(enc.ids) + (list(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else [])
+        if len(head) >= max_length:
+            raise MechsafeError(f"example {i}: its prompt and prefix fill max_length={max_length} tokens; "
+                                "raise max_length or shorten the prefix")
         resp = tokenizer(response + (eot if close_turn else ""), add_special_tokens=False)["input_ids"]
-        resp = list(resp)[: max_length - len(enc.ids)]
-        out.append(TeacherForced(ids=list(enc.ids) + resp, prompt_len=len(enc.ids)))
+        out.append(TeacherForced(ids=head + list(resp)[: max_length - len(head)], prompt_len=len(head)))
     return out
 
 

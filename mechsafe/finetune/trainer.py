@@ -100,7 +100,8 @@ def _fingerprint(config: FinetuneConfig, examples: Sequence[tuple], system: str 
     relevant = {k: v for k, v in config.to_dict().items() if k not in _RESUME_IRRELEVANT}
     if relevant["precision"] == "float32":  # (absent by default, so checkpoints written before it existed still resume)
         del relevant["precision"]
-    data = {"config": relevant, "examples": [list(e) for e in examples], "system": system,
+    # (an example without a prefix is listed as before prefixes existed, so older checkpoints still resume)
+    data = {"config": relevant, "examples": [list(e if e[3] else e[:3]) for e in examples], "system": system,
             "retain": retain, "negatives": sorted(negatives.items())}
     if rejected:  # (absent when off, so checkpoints written before the term existed still resume)
         data["rejected"] = sorted(rejected.items())
@@ -137,10 +138,10 @@ def _check_responses(name: str, responses: Mapping[int, str] | None, n: int, wei
 
 def _encode_responses(model: HookedTransformer, examples: list[tuple], responses: dict[int, str],
                       config: FinetuneConfig, system: str | None) -> dict[int, TeacherForced]:
-    """Each response after its example's prompt, tokenized for teacher forcing (no end of turn appended)."""
+    """Each response after its example's prompt (and prefix), tokenized for teacher forcing (no end of turn appended)."""
     if not responses:
         return {}
-    pairs = [(examples[i][0], text, False) for i, text in responses.items()]
+    pairs = [(examples[i][0], text, False, examples[i][3]) for i, text in responses.items()]
     return dict(zip(responses, encode_examples(model.tokenizer, pairs, max_length=config.max_length, system=system)))
 
 
@@ -285,7 +286,8 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
     Args:
         model: a ``HookedTransformer`` with a tokenizer (load weight-space models with ``processing="none"``).
         examples: (prompt, response) pairs; prompts are chat-formatted, responses end with the end-of-turn
-            token (a third element ``False`` leaves it off, for responses cut short).
+            token (a third element ``False`` leaves it off, for responses cut short; a fourth is a prefix that
+            opens the response unscored, see :func:`~mechsafe.finetune.sequences.check_examples`).
         config: LoRA and optimization settings (defaults: :class:`FinetuneConfig`).
         run_dir: folder for checkpoints, losses and ``run.json``; ``None`` keeps everything in memory.
         resume: continue from the latest checkpoint in ``run_dir`` (which must come from the same config and data).

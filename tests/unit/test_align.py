@@ -266,3 +266,29 @@ def test_refusal_prompt_pairs_off_pairs_only_the_pool_prompts_and_generates_no_a
             assert counts["harmful"] + counts["harmful_skipped_refused_or_empty"] == 4
             assert all(i < 4 or i >= len(harmful) for i in rejected)
     assert {i: r for i, r in out[True][0].items() if i < 4 or i >= len(harmful)} == out[False][0]
+
+
+def test_recovery_examples_teach_the_refusal_after_an_opening_of_the_base_answer(hf_dir, tmp_path):
+    ft = FinetuneConfig(steps=1, batch_size=4, max_length=400, kl_weight=1.0, unlikelihood_weight=1.0)
+    cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=6,
+                         answer_prompts=False, recovery_words=3, seed=1, eval_split="val", eval_limit=2,
+                         eval_max_new_tokens=2, utility=False)
+    model = ms.load_model(str(hf_dir), processing="none")
+    pairs, _ = al.training_examples(cfg, model, tmp_path, progress=False)
+    answers, n_asked = al.harmful_answers(cfg, model, tmp_path, progress=False)
+    assert n_asked == 4 and answers and set(answers) <= set(range(4))
+    rec = al.recovery_examples(cfg, pairs, answers)
+    assert rec == al.recovery_examples(cfg, pairs, answers)  # seeded
+    assert len(rec) == len(answers)
+    for (prompt, response, close, prefix), i in zip(rec, sorted(answers)):
+        words = answers[i].split()
+        assert prompt == pairs[i][0] and response == " " + pairs[i][1] and close
+        assert 1 <= len(prefix.split()) <= 3 and prefix.split() == words[:len(prefix.split())]
+    with pytest.raises(MechsafeError, match="recovery_words"):
+        al.AlignConfig(recovery_words=-1)
+    # in a run they come after the harmless pairs, and only the harmless pairs are retained and get negatives
+    al.align(cfg, out=tmp_path / "aligned", run_dir=tmp_path / "run", progress=False)
+    mix = read_json(tmp_path / "run" / "training_mix.json")
+    fin = read_json(tmp_path / "run" / "finetune" / "run.json")
+    assert mix["recovery_examples"] == len(rec) and mix["n_examples"] == len(pairs) + len(rec)
+    assert fin["n_examples"] == mix["n_examples"] and fin["n_negatives"] == fin["n_retain"] == len(pairs) - 4

@@ -14,7 +14,7 @@ from mechsafe.finetune import (FinetuneConfig, adapted_weight, attach_lora, enco
                                has_lora, merge_lora, response_nll, sequence_nll)
 from mechsafe.finetune.preference import Pair, dpo_loss, reference_pairs
 from mechsafe.finetune.retain import coarse_kl, reference_topk, retain_kl_sum
-from mechsafe.finetune.sequences import collate, final_resid, masked_nll, unlikelihood
+from mechsafe.finetune.sequences import collate, final_resid, masked_nll, token_nll, unlikelihood
 from mechsafe.models import model_info
 
 from conftest import make_tiny_model
@@ -268,6 +268,24 @@ def test_truncated_responses_do_not_close_the_turn(tiny_model):
     assert closed.ids[:-1] == cut.ids and closed.ids[-1] == tok.eos_token_id
     long = encode_examples(tok, [("hi", "x" * 500)], max_length=64)[0]
     assert len(long) == 64 and long.prompt_len < 64
+
+
+def test_a_prefix_opens_the_response_unscored(tiny_model):
+    tok = tiny_model.tokenizer
+    plain, prefixed = encode_examples(tok, [("hi", "abc"), ("hi", " abc", True, "xy z")])
+    pre = tok("xy z", add_special_tokens=False)["input_ids"]
+    resp = tok(" abc", add_special_tokens=False)["input_ids"]
+    assert prefixed.ids == plain.ids[:plain.prompt_len] + pre + resp + [tok.eos_token_id]
+    assert prefixed.prompt_len == plain.prompt_len + len(pre)
+    tokens, mask = collate([prefixed], chat.pad_id(tok))
+    assert mask.sum() == len(resp) + 1 and mask[0, :prefixed.prompt_len - 1].sum() == 0  # the prefix is not scored
+    with torch.no_grad():  # the response NLL is that of the tokens after the prefix, given prompt and prefix
+        expected = float((token_nll(tiny_model, tokens) * mask).sum() / mask.sum())
+    assert float(response_nll(tiny_model, [("hi", " abc", True, "xy z")])[0]) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(MechsafeError, match="prefix"):
+        encode_examples(tok, [("hi", "abc", True, "word " * 80)], max_length=64)
+    with pytest.raises(MechsafeError, match="prefix"):
+        encode_examples(tok, [("hi", "abc", True, 3)])
 
 
 def test_coarse_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_otherwise():
