@@ -1,11 +1,11 @@
 """Teacher-forced (prompt, response) sequences and the response-only loss.
 
 A sequence is the chat-formatted prompt (:func:`mechsafe.chat.format_prompt`, assistant turn
-opened) followed by the response and :func:`mechsafe.chat.end_of_turn`. Prompt and response are
-tokenized separately and concatenated, so the boundary between them is exact. The loss is the
-negative log-likelihood of the response tokens only (prompt tokens carry the label ``-100`` of
-the usual convention, i.e. they are masked); padding is right padding tracked by lengths, never
-by token id.
+opened), an optional prefix (the unscored opening of the response) and the response, followed by
+:func:`mechsafe.chat.end_of_turn`. The three are tokenized separately and concatenated, so the
+boundaries between them are exact. The loss is the negative log-likelihood of the response tokens
+only (prompt and prefix tokens carry the label ``-100`` of the usual convention, i.e. they are
+masked); padding is right padding tracked by lengths, never by token id.
 
 For a batch with response masks ``m[b, t]`` (1 where token ``t`` of row ``b`` is a response token)::
 
