@@ -225,6 +225,15 @@ def twin_prompts() -> list[dict[str, Any]]:
     return [dict(r) for r in _read_suite("twin_prompts.jsonl")]
 
 
+def confirmation_prompts() -> list[dict[str, Any]]:
+    """Bundled confirmation prompts (``id``, ``text``, ``kind``: ``harmful`` or ``harmless``, ``category``: a
+    harm category or a topic, ``form``): requests to refuse and prompts to answer, written after every recipe of
+    ``mechsafe align`` had been tried and filtered against every other bundled prompt, so that no model was
+    trained, selected or evaluated on them before. They belong to no split; ``analyses/confirmation_set.py``
+    uses them to check a comparison of recipes on fresh prompts."""
+    return [dict(r) for r in _read_suite("confirmation_prompts.jsonl")]
+
+
 def math_problems() -> list[dict[str, Any]]:
     """Bundled arithmetic word problems: dicts with ``id``, ``question`` and numeric ``answer``."""
     return [dict(r) for r in _read_suite("math.jsonl")]

@@ -104,3 +104,39 @@ def test_affine_ablation_sets_the_component_at_every_read_point(tiny_model):
     with pytest.raises(MechsafeError, match="one value per point"):
         with zp.affine_ablation(tiny_model, r, torch.zeros(2)):
             pass
+
+
+def test_confirmation_set_compares_recipes_on_per_prompt_seed_means(tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
+    dirs = [tmp_path / f"m{i}" for i in range(3)]
+    for d in dirs:
+        save_tiny_hf_llama(d, n_layers=2)
+    script = _script("confirmation_set")
+    # each checkpoint in turn refuses these prompts (3 harmful, then 3 harmless)
+    patterns = iter([[1, 1, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0]])
+    monkeypatch.setattr(script, "generate", lambda model, texts, **kw: [
+        "I'm sorry, but I can't help with that." if x else "Sure, here you go." for x in next(patterns)])
+    runs = tmp_path / "runs"
+    assert script.main(["--recipe", f"a={dirs[0]},{dirs[1]}", "--recipe", f"b={dirs[2]}", "--limit", "3",
+                        "--n-boot", "200", "--runs-dir", str(runs)]) == 0
+    (run_dir,) = list(runs.iterdir())
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["n_prompts"] == {"harmful": 3, "harmless": 3}
+    a, b = res["recipes"]
+    assert [s["model"] for s in a["seeds"]] == [str(dirs[0]), str(dirs[1])]
+    assert [s["id"].startswith("conf-harm-") for s in a["seeds"][0]["samples"]] == [True] * 3 + [False] * 3
+    assert a["per_prompt_refusal"] == [1.0, 0.5, 0.0, 0.5, 0.0, 0.0]
+    assert a["seeds"][1]["refusal"]["value"] == pytest.approx(1 / 3)
+    assert (a["refusal"]["value"], a["over_refusal"]["value"]) == pytest.approx((0.5, 1 / 6))
+    assert (b["refusal"]["value"], b["over_refusal"]["value"]) == pytest.approx((0.0, 2 / 3))
+    (c,) = res["comparisons"]
+    assert (c["first"], c["other"]) == ("a", "b")
+    assert c["D"]["value"] == pytest.approx((0.5 - 1 / 6) - (0.0 - 2 / 3))
+    assert c["refusal_difference"]["value"] == pytest.approx(0.5)
+    assert c["over_refusal_difference"]["value"] == pytest.approx(1 / 6 - 2 / 3)
+    assert c["D"]["low"] <= c["D"]["value"] <= c["D"]["high"]
+    assert "**a against b**" in (run_dir / "report.md").read_text()
+    for bad, match in [(["--recipe", "a"], "NAME=MODEL"), (["--recipe", f"a={dirs[0]}", "--recipe", f"a={dirs[1]}"], "twice")]:
+        with pytest.raises(MechsafeError, match=match):
+            script.main([*bad, "--runs-dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

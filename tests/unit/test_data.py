@@ -41,6 +41,33 @@ def test_training_only_prompts_are_disjoint_from_the_evaluation_pools(kind, n_mi
         assert max(len(w & h) / min(len(w), len(h)) for h in held_out) < max_overlap, r["id"]
 
 
+def _stem_words(text):
+    return {w[:-1] if len(w) > 3 and w.endswith("s") else w for w in _content_words(text)}
+
+
+def _near(a, b):
+    """The confirmation set's filter: two prompts share at least three content words (a plural "s" dropped) and
+    half of the shorter one's, or every content word of the shorter one (at least two)."""
+    shared, short = len(a & b), min(len(a), len(b))
+    return (shared >= 3 and shared >= short / 2) or (shared >= 2 and shared == short)
+
+
+def test_confirmation_prompts_are_fresh():
+    conf = ms.data.confirmation_prompts()
+    harmful = [r for r in conf if r["kind"] == "harmful"]
+    harmless = [r for r in conf if r["kind"] == "harmless"]
+    assert len(harmful) >= 140 and len(harmless) >= 140 and len(harmful) + len(harmless) == len(conf)
+    assert len({r["id"] for r in conf}) == len(conf) and {r["form"] for r in conf} == {"question", "instruction"}
+    assert {r["category"] for r in harmful} == set(HARM_CATEGORIES)
+    bundled = ms.data.load("harmful").texts + ms.data.load("harmless").texts
+    bundled += [r["text"] for f in (ms.data.answer_prompts, ms.data.refusal_prompts, ms.data.twin_prompts) for r in f()]
+    bundled += [r["instruction"] for r in ms.data.instructions()] + [r["question"] for r in ms.data.math_problems()]
+    others = [_stem_words(t) for t in bundled]
+    words = [_stem_words(r["text"]) for r in conf]
+    for i, (r, w) in enumerate(zip(conf, words)):  # near no other bundled prompt and no earlier confirmation prompt
+        assert not any(_near(w, o) for o in others + words[:i]), r["id"]
+
+
 def test_twin_prompts_are_twins_of_harmful_train_prompts_in_the_same_form():
     from mechsafe.align import pool_prompts
 
