@@ -5,8 +5,8 @@ for studies of how safety breaks (drift, WaRP, MFS, refusal directions). :func:`
 it with LoRA (:mod:`mechsafe.finetune`) on the bundled TRAIN split:
 
 * every harmful prompt -> a refusal from :func:`mechsafe.data.refusals` (assigned by a seeded
-  permutation, so the targets vary and the run is reproducible); optionally also the training-only
-  harmful requests (:func:`mechsafe.data.refusal_prompts`);
+  permutation, so the targets vary and the run is reproducible); also the training-only harmful
+  requests (:func:`mechsafe.data.refusal_prompts`);
 * every harmless prompt -> the base model's own greedy answer (``answer_tokens`` tokens, cached in
   the run dir so a resumed run reuses them); answers that the refusal matcher flags are dropped, so
   the base model's own over-refusals are not taught. Besides the harmless TRAIN pool, the
@@ -16,9 +16,9 @@ it with LoRA (:mod:`mechsafe.finetune`) on the bundled TRAIN split:
 A retain term (``FinetuneConfig.kl_weight``, :mod:`mechsafe.finetune.retain`) holds the next-token
 distributions at every position of the harmless examples near the base model's, so the model learns
 to refuse without drifting elsewhere, and an unlikelihood term (``FinetuneConfig.unlikelihood_weight``)
-pushes down the probability of a refusal opening after each harmless prompt. An optional DPO term
-(``FinetuneConfig.preference_weight``, :mod:`mechsafe.finetune.preference`; off in the recipe) prefers
-each harmful pair's refusal to the base model's own answer and each harmless answer to its refusal opening.
+pushes down the probability of a refusal's first word after each harmless prompt. A DPO term
+(``FinetuneConfig.preference_weight``, :mod:`mechsafe.finetune.preference`) prefers each harmful pair's
+refusal to the base model's own answer and each harmless answer to that first word of a refusal.
 
 Both pools mix question-form and instruction-form prompts (``form`` in the bundled data), so the
 model cannot learn "question about harm -> refuse, imperative -> comply". The merged model is saved
@@ -59,11 +59,12 @@ ANSWERS_FILE = "base_answers.json"
 
 
 def default_finetune_config() -> FinetuneConfig:
-    """The LoRA recipe of ``mechsafe align`` (chosen on the validation split, see ``docs/align.md``)."""
+    """The LoRA recipe of ``mechsafe align`` (t41, with ``AlignConfig``'s defaults; chosen on the confirmation prompts
+    after the validation split could not separate it from t32, see ``docs/align.md``)."""
     return FinetuneConfig(rank=8, alpha=16, targets=("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_O"),
                           layers="6-29", lr=1e-3, steps=140, batch_size=8, warmup_steps=4, schedule="linear",
                           max_length=128, checkpoint_every=10, seed=0, kl_weight=1.0,
-                          unlikelihood_weight=4.0)
+                          unlikelihood_weight=4.0, preference_weight=4.0)
 
 
 @dataclasses.dataclass
@@ -97,18 +98,20 @@ class AlignConfig:
     """Also teach the base model's answers to the bundled benign twins of the harmful TRAIN prompts
     (:func:`mechsafe.data.twin_prompts`: the same framing around a harmless request). Not chosen: over
     three seeds they cost more refusals than over-refusals they saved (``docs/align.md``)."""
-    refusal_prompts: bool = False
+    refusal_prompts: bool = True
     """Also teach refusals of the bundled training-only harmful requests (:func:`mechsafe.data.refusal_prompts`),
-    after the harmful TRAIN prompts (``harmful_limit`` does not apply to them)."""
+    after the harmful TRAIN prompts (``harmful_limit`` does not apply to them). On in the recipe (t41)."""
     refusal_prompt_pairs: bool = True
     """With ``refusal_prompts`` and ``finetune.preference_weight > 0``: also give the training-only harmful
     requests preference pairs (the base model's own answer as the rejected response). False trains them on
     their refusal targets only and skips generating those 179 base answers and their pairs' reference pass."""
-    negative_words: int = 3
+    negative_words: int = 1
     """With ``finetune.unlikelihood_weight > 0`` (the recipe): every harmless pair gets the first this many
     words of a bundled refusal (assigned like the harmful pairs' targets) as a negative, an opening whose
     probability after that prompt the unlikelihood term pushes down; with ``finetune.preference_weight > 0``
-    the same opening is the pair's rejected response."""
+    (the recipe) the same opening is the pair's rejected response. One word (t41) puts the pressure on the
+    first token, where the comply-or-refuse decision is made; three words (t32) let the model open "I'm sorry"
+    and then swerve (``docs/align.md``)."""
     rejected_words: int | None = None
     """With ``finetune.preference_weight > 0``: cut each harmful pair's rejected response (the base model's own
     answer) to its first this many words, so that its margin is decided at the opening, as the harmless pairs'

@@ -37,13 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--twin-prompts", action=argparse.BooleanOptionalAction, default=False,
                    help="also train on the base model's answers to the bundled benign twins of the harmful TRAIN "
                         "prompts (default: off)")
-    p.add_argument("--refusal-prompts", action=argparse.BooleanOptionalAction, default=False,
-                   help="also train refusals of the bundled training-only harmful requests (default: off)")
+    p.add_argument("--refusal-prompts", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train refusals of the bundled training-only harmful requests (default: on)")
     p.add_argument("--refusal-prompt-pairs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --refusal-prompts and a preference weight: also prefer their refusals to the base "
                         "model's own answers (off: refusal targets only, no base answers generated for them; "
                         "default: on)")
-    p.add_argument("--negative-words", type=int, default=3,
+    p.add_argument("--negative-words", type=int, default=1,
                    help="words of the refusal opening that each harmless prompt is trained away from (the unlikelihood "
                         "negative and the preference term's rejected response; default: %(default)s)")
     p.add_argument("--harmful-negatives", action=argparse.BooleanOptionalAction, default=False,

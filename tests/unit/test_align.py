@@ -39,7 +39,7 @@ def test_refusals_are_varied_deterministic_and_cycled():
 
 
 def test_training_examples_cache_base_answers(tiny_model, tmp_path, monkeypatch):
-    cfg = al.AlignConfig(harmful_limit=4, harmless_limit=4, answer_tokens=4, answer_prompts=False)
+    cfg = al.AlignConfig(harmful_limit=4, harmless_limit=4, answer_tokens=4, answer_prompts=False, refusal_prompts=False)
     pairs, mix = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
     assert mix["harmful"] == {"question": 2, "instruction": 2, "refusal_prompts": 0}
     assert len(pairs) == 4 + sum(mix["harmless"].values())
@@ -68,7 +68,7 @@ def test_utility_prompts_are_split_and_taught_when_asked(tiny_model, tmp_path):
     texts = {r["instruction"] for r in instructions()} | {r["question"] for r in math_problems()}
     assert {p["text"] for p in train + test} <= texts
     cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, utility_prompts=True,
-                         answer_prompts=False)
+                         answer_prompts=False, refusal_prompts=False)
     pairs, mix = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
     taught = {prompt for prompt, *_ in pairs}
     kept = mix["harmless"]["utility"]
@@ -78,7 +78,7 @@ def test_utility_prompts_are_split_and_taught_when_asked(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("kind", ["answer_prompts", "twin_prompts"])
 def test_training_only_harmless_prompts_are_taught_only_when_asked(tiny_model, tmp_path, kind):
-    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, answer_prompts=False)
+    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, answer_prompts=False, refusal_prompts=False)
     without, mix0 = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
     extra = {r["text"] for r in getattr(ms.data, kind)()}
     assert mix0["harmless"][kind] == 0 and not {p for p, *_ in without} & extra
@@ -90,7 +90,7 @@ def test_training_only_harmless_prompts_are_taught_only_when_asked(tiny_model, t
 
 
 def test_refusal_prompts_are_taught_refusals_after_the_train_pairs(tiny_model, tmp_path):
-    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, answer_prompts=False)
+    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=2, answer_tokens=3, answer_prompts=False, refusal_prompts=False)
     without, mix0 = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
     pairs, mix = al.training_examples(dataclasses.replace(cfg, refusal_prompts=True), tiny_model, tmp_path,
                                       progress=False)
@@ -126,7 +126,7 @@ def test_config_validation():
 
 
 def test_harmless_repeat_duplicates_only_harmless_examples(tiny_model, tmp_path):
-    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=4, answer_tokens=3, answer_prompts=False)
+    cfg = al.AlignConfig(harmful_limit=2, harmless_limit=4, answer_tokens=3, answer_prompts=False, refusal_prompts=False)
     once, mix1 = al.training_examples(cfg, tiny_model, tmp_path, progress=False)
     thrice, mix3 = al.training_examples(dataclasses.replace(cfg, harmless_repeat=3), tiny_model, tmp_path,
                                         progress=False)
@@ -141,7 +141,8 @@ def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):
     ft = FinetuneConfig(steps=3, batch_size=4, lr=1e-2, checkpoint_every=2, max_length=400, kl_weight=1.0,
                         unlikelihood_weight=1.0)
     cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
-                         answer_prompts=False, eval_split="val", eval_limit=4, eval_max_new_tokens=4, utility=False)
+                         answer_prompts=False, refusal_prompts=False,
+                         eval_split="val", eval_limit=4, eval_max_new_tokens=4, utility=False)
     out = tmp_path / "aligned"
     result = al.align(cfg, out=out, run_dir=tmp_path / "run", progress=False)
     model = ms.load_model(str(out))
@@ -175,7 +176,8 @@ def test_cli_rejects_bad_lora_overrides(capsys):
 def test_preference_pairs_reject_compliance_on_harm_and_refusal_openings_elsewhere(hf_dir, tmp_path):
     ft = FinetuneConfig(steps=2, batch_size=4, lr=1e-2, max_length=400, preference_weight=1.0, unlikelihood_weight=1.0)
     cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
-                         answer_prompts=False, eval_split="val", eval_limit=2, eval_max_new_tokens=2, utility=False)
+                         answer_prompts=False, refusal_prompts=False,
+                         eval_split="val", eval_limit=2, eval_max_new_tokens=2, utility=False)
     model = ms.load_model(str(hf_dir), processing="none")
     pairs, _ = al.training_examples(cfg, model, tmp_path, progress=False)
     harmful = al.harmful_training_prompts(cfg)
@@ -201,7 +203,7 @@ def test_preference_pairs_reject_compliance_on_harm_and_refusal_openings_elsewhe
 
 def test_rejected_words_cuts_the_harmful_rejected_answers_to_their_opening_and_keeps_the_same_pairs(hf_dir, tmp_path):
     common = dict(model=str(hf_dir), finetune=FinetuneConfig(preference_weight=1.0), harmful_limit=4, harmless_limit=4,
-                  answer_tokens=6, answer_prompts=False)
+                  answer_tokens=6, answer_prompts=False, refusal_prompts=False)
     model = ms.load_model(str(hf_dir), processing="none")
     full_cfg, cut_cfg = al.AlignConfig(**common), al.AlignConfig(rejected_words=2, **common)
     pairs, _ = al.training_examples(full_cfg, model, tmp_path, progress=False)
@@ -236,7 +238,8 @@ def test_answer_openings_give_every_harmful_pair_an_opening_no_refusal_starts_wi
 def test_harmful_negatives_give_every_pair_a_negative_in_an_align_run(hf_dir, tmp_path):
     ft = FinetuneConfig(steps=1, batch_size=4, max_length=400, unlikelihood_weight=1.0)
     cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
-                         answer_prompts=False, harmful_negatives=True, eval_split="val", eval_limit=2,
+                         answer_prompts=False, refusal_prompts=False, harmful_negatives=True,
+                         eval_split="val", eval_limit=2,
                          eval_max_new_tokens=2, utility=False)
     al.align(cfg, out=tmp_path / "aligned", run_dir=tmp_path / "run", progress=False)
     fin = read_json(tmp_path / "run" / "finetune" / "run.json")
@@ -271,7 +274,8 @@ def test_refusal_prompt_pairs_off_pairs_only_the_pool_prompts_and_generates_no_a
 def test_recovery_examples_teach_the_refusal_after_an_opening_of_the_base_answer(hf_dir, tmp_path):
     ft = FinetuneConfig(steps=1, batch_size=4, max_length=400, kl_weight=1.0, unlikelihood_weight=1.0)
     cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=6,
-                         answer_prompts=False, recovery_words=3, seed=1, eval_split="val", eval_limit=2,
+                         answer_prompts=False, refusal_prompts=False, recovery_words=3, seed=1,
+                         eval_split="val", eval_limit=2,
                          eval_max_new_tokens=2, utility=False)
     model = ms.load_model(str(hf_dir), processing="none")
     pairs, _ = al.training_examples(cfg, model, tmp_path, progress=False)
