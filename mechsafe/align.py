@@ -110,8 +110,8 @@ class AlignConfig:
     words of a bundled refusal (assigned like the harmful pairs' targets) as a negative, an opening whose
     probability after that prompt the unlikelihood term pushes down; with ``finetune.preference_weight > 0``
     (the recipe) the same opening is the pair's rejected response. One word (t41) puts the pressure on the
-    first token, where the comply-or-refuse decision is made; three words (t32) let the model open "I'm sorry"
-    and then swerve (``docs/align.md``)."""
+    first token, where the comply-or-refuse decision is made; with three words and the preference term (t35-t40)
+    the model opened "I'm sorry" on harmful prompts and then swerved into an answer (``docs/align.md``)."""
     rejected_words: int | None = None
     """With ``finetune.preference_weight > 0``: cut each harmful pair's rejected response (the base model's own
     answer) to its first this many words, so that its margin is decided at the opening, as the harmless pairs'
