@@ -451,12 +451,12 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     config = config or AlignConfig()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(runs_dir, "align")
-    run_dir.mkdir(parents=True, exist_ok=True)
     out = Path(out)
 
     t0 = time.perf_counter()
-    model = load_model(config.model, processing="none")
+    model = load_model(config.model, processing="none")  # an unknown model fails here, before anything is written
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(runs_dir, "align")
+    run_dir.mkdir(parents=True, exist_ok=True)
     pairs, mix = training_examples(config, model, run_dir, progress)
     n_harmful = sum(mix["harmful"].values())  # harmful pairs come first, then the harmless ones
     n_main = len(pairs)

@@ -173,6 +173,14 @@ def test_cli_rejects_bad_lora_overrides(capsys):
     assert main(["align", "--lora", "not json"]) == 2
 
 
+def test_cli_unknown_model_fails_before_writing_anything(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "aligned"
+    assert main(["align", "--model", "no-such-model", "--runs-dir", str(runs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model 'no-such-model'") and len(err.splitlines()) == 1
+    assert not runs.exists() and not out.exists()
+
+
 def test_preference_pairs_reject_compliance_on_harm_and_refusal_openings_elsewhere(hf_dir, tmp_path):
     ft = FinetuneConfig(steps=2, batch_size=4, lr=1e-2, max_length=400, preference_weight=1.0, unlikelihood_weight=1.0)
     cfg = al.AlignConfig(model=str(hf_dir), finetune=ft, harmful_limit=4, harmless_limit=4, answer_tokens=4,
