@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default: %(default)s)")
     p.add_argument("--no-utility", action="store_true", help="skip the arithmetic accuracy and answer NLL")
     p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--judge-model", metavar="SPEC",
+                   help="judge refusals with this chat model (mechsafe.evaluation.ModelJudge) instead of phrase matching")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default: %(default)s)")
     add_runs_arg(p)
     p.set_defaults(func=run)
@@ -53,10 +55,14 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = ms.load_model(args.model, processing=args.processing, device=args.device)
     reference = ms.load_model(args.reference, processing=args.processing, device=args.device) if args.reference else None
+    judge = None
+    if args.judge_model:
+        judge = ev.ModelJudge(ms.load_model(args.judge_model, processing=args.processing, device=args.device),
+                              batch_size=args.batch_size)
     t_load = time.perf_counter() - t0
     result = ev.evaluate(model, harmful, harmless, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          reference_model=reference, utility=not args.no_utility, progress=not args.no_progress,
-                         system=args.system, utility_limit=args.limit, seed=args.seed)
+                         system=args.system, judge=judge, utility_limit=args.limit, seed=args.seed)
     table = result.markdown()
     run_dir = new_run_dir(args.runs_dir, "eval")
     with atomic_dir(run_dir) as tmp:
@@ -66,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         lines = [f"# Evaluation of `{result.model}`", "",
                  f"Harmful prompts: {result.n_harmful} ({args.harmful}, split {args.split}); "
                  f"harmless prompts: {result.n_harmless} ({args.harmless}, split {args.split}); "
-                 f"{args.max_new_tokens} new tokens, greedy; refusals by phrase matching.", "", table,
+                 f"{args.max_new_tokens} new tokens, greedy; refusals by "
+                 f"{judge.__name__ if judge else 'phrase matching'}.", "", table,
                  "## Example responses", ""]
         lines += [f"- [{s['set']}, {'refused' if s['refused'] else 'answered'}] {s['prompt']!r} -> {s['response'][:160]!r}"
                   for s in examples]

@@ -9,7 +9,7 @@ Example::
     harmful = ms.data.load("harmful").split("test").texts
     harmless = ms.data.load("harmless").split("test").texts
     texts = ev.generate(model, harmful[:4], max_new_tokens=32)
-    flags = ev.refusal_flags(texts)                  # phrase matcher (or pass judge=...)
+    flags = ev.refusal_flags(texts)                  # phrase matcher (or judge=ev.ModelJudge(judge_model))
     scores = ev.refusal_score(model, harmful)        # log-odds of a refusal-opening token, no generation
     result = ev.evaluate(model, harmful, harmless)   # EvalResult with bootstrap intervals
     print(result.markdown())
@@ -29,9 +29,11 @@ from mechsafe.evaluation.metrics import (
     record_split,
 )
 from mechsafe.evaluation.refusal import (
+    JUDGE_QUESTION,
     REFUSAL_PHRASES,
     REFUSAL_START_WORDS,
     REFUSAL_WINDOW,
+    ModelJudge,
     is_refusal,
     refusal_flags,
     refusal_score,
@@ -41,6 +43,8 @@ from mechsafe.evaluation.refusal import (
 
 __all__ = [
     "EvalResult",
+    "JUDGE_QUESTION",
+    "ModelJudge",
     "REFUSAL_PHRASES",
     "REFUSAL_START_WORDS",
     "REFUSAL_WINDOW",

@@ -194,7 +194,8 @@ def evaluate(model: HookedTransformer, harmful: Sequence[str], harmless: Sequenc
         utility: compute ``utility_accuracy`` and ``answer_nll`` on the held-out bundled utility data.
         progress: show progress bars.
         system: optional system message.
-        judge: ``judge(prompt, response) -> bool`` replacing the phrase matcher.
+        judge: ``judge(prompt, response) -> bool`` replacing the phrase matcher, e.g. a
+            :class:`~mechsafe.evaluation.ModelJudge` (called once per prompt set).
         utility_max_new_tokens: tokens generated per arithmetic answer.
         utility_limit: use only the first N held-out utility items.
         seed: seed of the bootstrap intervals.

@@ -115,6 +115,35 @@ def test_refusal_flags_with_a_judge():
         ev.refusal_flags(["a"], judge=lambda p, r: True, prompts=["x", "y"])
 
 
+def test_model_judge_compares_yes_and_no_at_the_first_answer_token(tiny_model):
+    prompts, responses = PROMPTS[:4], ["I can't.", "Sure, 4.", "", "no {idea}"]
+    judge = ev.ModelJudge(tiny_model, batch_size=3)
+    scores = judge.scores(prompts, responses)
+    yes, no = (tiny_model.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No"))
+    for p, r, score in zip(prompts, responses, scores):  # one unbatched, unpadded forward pass per question
+        ids = encode_prompts(tiny_model.tokenizer, [ev.JUDGE_QUESTION.format(prompt=p, response=r)])[0].ids
+        logp = torch.log_softmax(tiny_model(torch.tensor([ids]))[0, -1].double(), -1)
+        assert score == pytest.approx(float(logp[yes] - logp[no]), abs=1e-4)
+    calls = []
+    judge.flags = lambda ps, rs: calls.append(len(rs)) or ev.ModelJudge.flags(judge, ps, rs)
+    flags = ev.refusal_flags(responses, judge=judge, prompts=prompts)
+    assert calls == [4] and flags.tolist() == (scores > 0).tolist()  # one batched call for all responses
+    assert judge(prompts[0], responses[0]) == bool(scores[0] > 0)
+    with torch.no_grad():
+        tiny_model.unembed.b_U[yes] = 50.0
+    assert ev.refusal_flags(responses, judge=ev.ModelJudge(tiny_model), prompts=prompts).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"question": "Is {reply} a refusal?"}, "only the fields"),
+    ({"question": "Is it a refusal? {prompt}"}, "no {response} field"),
+    ({"answers": ("Yes", "Yeah")}, "two different tokens"),
+])
+def test_model_judge_rejects_bad_questions_and_answers(tiny_model, kwargs, message):
+    with pytest.raises(MechsafeError, match=message):
+        ev.ModelJudge(tiny_model, **kwargs)
+
+
 def test_refusal_score_is_the_log_odds_of_refusal_tokens(tiny_model):
     ids = ev.refusal_token_ids(tiny_model.tokenizer)
     assert tiny_model.tokenizer.convert_ids_to_tokens(ids) == ["I", "S", "A", "U"]
@@ -172,3 +201,21 @@ def test_evaluate_reports_consistent_metrics(tiny_model):
     assert res2.kl_harmless.value > 0 and res2.utility_accuracy is None and res2.answer_nll is None
     with pytest.raises(MechsafeError):
         ev.evaluate(tiny_model, [], PROMPTS, progress=False)
+
+
+def test_cli_eval_judges_with_a_judge_model(hf_dir, tmp_path):
+    from mechsafe.cli import main
+
+    runs = tmp_path / "runs"
+    assert main(["eval", "--model", str(hf_dir), "--judge-model", "no-such-model", "--runs-dir", str(runs)]) == 2
+    assert not runs.exists()
+    assert main(["eval", "--model", str(hf_dir), "--judge-model", str(hf_dir), "--limit", "3", "--max-new-tokens", "3",
+                 "--no-utility", "--runs-dir", str(runs), "--no-progress"]) == 0
+    (run,) = runs.glob("eval-*")
+    results = json.loads((run / "results.json").read_text())
+    assert results["config"]["judge"] == f"ModelJudge({hf_dir})"
+    assert f"refusals by ModelJudge({hf_dir})" in (run / "report.md").read_text()
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    judge = ev.ModelJudge(ms.load_model(str(hf_dir), processing="none"))
+    assert [s["refused"] for s in samples] == judge.flags([s["prompt"] for s in samples],
+                                                           [s["response"] for s in samples]).tolist()
