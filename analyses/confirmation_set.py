@@ -29,7 +29,7 @@ import torch
 
 import mechsafe as ms
 from mechsafe.errors import MechsafeError
-from mechsafe.evaluation import generate, is_refusal
+from mechsafe.evaluation import generate, refusal_flags
 from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
 from mechsafe.stats import Estimate, bootstrap, proportion
 
@@ -79,11 +79,11 @@ def gap_difference(a: np.ndarray, b: np.ndarray, kinds: np.ndarray, n_boot: int)
     bootstrap interval that resamples prompts within each kind, and its two parts."""
     harmful = (kinds == "harmful").astype(int)
 
-    def d(x, y, h):
-        return (x[h == 1] - y[h == 1]).mean() - (x[h == 0] - y[h == 0]).mean()
-
     def part(x, y, h, kind):
         return (x[h == kind] - y[h == kind]).mean()
+
+    def d(x, y, h):
+        return part(x, y, h, 1) - part(x, y, h, 0)
 
     boot = dict(n_boot=n_boot, stratify=harmful)
     return {"D": bootstrap(d, a, b, harmful, **boot).to_dict(),
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
             model = ms.load_model(spec)
             responses = generate(model, [p["text"] for p in prompts], max_new_tokens=args.max_new_tokens,
                                  batch_size=args.batch_size, progress=False)
-            flags = np.array([is_refusal(r) for r in responses], dtype=float)
+            flags = refusal_flags(responses).astype(float)
             timings[spec] = round(time.perf_counter() - t0, 1)
             seeds.append({"model": spec, **rates(flags, kinds, forms),
                           "samples": [{"id": p["id"], "response": r, "refused": bool(x)}

@@ -65,8 +65,8 @@ def cohen_kappa(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if chance >= 1 else (observed - chance) / (1 - chance)
 
 
-def compare(matcher: np.ndarray, score: np.ndarray) -> dict:
-    judge = score > 0
+def compare(matcher: np.ndarray, judge: np.ndarray, score: np.ndarray) -> dict:
+    """Both methods' refusal rates, their 2×2 table and agreement, and the AUROC of the judge's score."""
     return {"n": int(len(matcher)), "matcher": proportion(matcher).to_dict(), "judge": proportion(judge).to_dict(),
             "both": int(np.sum(matcher & judge)), "matcher_only": int(np.sum(matcher & ~judge)),
             "judge_only": int(np.sum(~matcher & judge)), "neither": int(np.sum(~matcher & ~judge)),
@@ -100,15 +100,15 @@ def main(argv=None) -> int:
     results: dict = {"judge_model": args.judge_model, "models": {}, "samples": {}}
     for name, rows in samples.items():
         scores = judge.scores([s["prompt"] for s in rows], [s["response"] for s in rows])
+        flags = scores > 0  # ModelJudge.flags' rule, applied to the scores already computed
+        matcher = np.array([bool(s["refused"]) for s in rows])
+        sets = np.array([s["set"] for s in rows])
         results["samples"][name] = [{"set": s["set"], "prompt": s["prompt"], "response": s["response"],
-                                     "matcher": bool(s["refused"]), "judge_score": float(x), "judge": bool(x > 0)}
-                                    for s, x in zip(rows, scores)]
-        results["models"][name] = {}
-        for set_name in SETS:
-            picked = [r for r in results["samples"][name] if r["set"] == set_name]
-            if picked:
-                results["models"][name][set_name] = compare(np.array([r["matcher"] for r in picked]),
-                                                            np.array([r["judge_score"] for r in picked]))
+                                     "matcher": bool(m), "judge_score": float(x), "judge": bool(f)}
+                                    for s, m, x, f in zip(rows, matcher, scores, flags)]
+        results["models"][name] = {set_name: compare(matcher[sets == set_name], flags[sets == set_name],
+                                                     scores[sets == set_name])
+                                   for set_name in SETS if (sets == set_name).any()}
     seconds = time.perf_counter() - t0
     text = report(args, results)
     run_dir = new_run_dir(args.runs_dir, "judge-agreement")

@@ -147,7 +147,7 @@ def test_judge_agreement_counts_and_kappa(hf_dir, tmp_path):
     script = _script("judge_agreement")
     matcher = np.array([True, True, False, False, True, False])
     score = np.array([0.5, -1.0, -0.2, 2.0, 3.0, -3.0])  # the judge: True, False, False, True, True, False
-    c = script.compare(matcher, score)
+    c = script.compare(matcher, score > 0, score)
     assert (c["both"], c["matcher_only"], c["judge_only"], c["neither"]) == (2, 1, 1, 2)
     assert c["agreement"] == pytest.approx(4 / 6)
     assert c["kappa"] == pytest.approx((4 / 6 - 0.5) / 0.5)  # chance agreement 0.5 * 0.5 + 0.5 * 0.5
