@@ -95,6 +95,13 @@ class FinetuneConfig:
     recent GPUs; ``docs/finetune.md`` gives measured gains); the weights, LoRA factors,
     optimizer state, losses and the reference passes of the retain and preference terms stay float32.
     ``float32``: everything in float32."""
+    share_prompts: bool = True
+    """Run each distinct prompt of a micro-batch once and continue every row that shares it (the example's
+    response, its negative, its rejected response) from the prompt's cached keys and values
+    (:func:`mechsafe.finetune.sequences.shared_prompt_resid`): the same losses and gradients up to
+    floating-point summation order, with fewer tokens computed. ``False``: one full pass for the examples and
+    one for their negatives and rejected responses, as before session 19; it reproduces the checkpoints
+    recorded until then bit for bit."""
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechsafe import chat
 from mechsafe.errors import MechsafeError
@@ -114,6 +115,47 @@ def token_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"]) 
 def final_resid(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"]) -> Float[torch.Tensor, "batch pos_minus_1 d_model"]:
     """The residual stream after the last block at every position that predicts a next token."""
     return model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)[:, :-1]
+
+
+def shared_prompt_resid(model: HookedTransformer, seqs: Sequence[TeacherForced], pad_id: int
+                        ) -> tuple[Int[torch.Tensor, "batch pos"], Float[torch.Tensor, "batch pos_minus_1"],
+                                   Float[torch.Tensor, "batch pos_minus_1 d_model"]]:
+    """``collate(seqs, pad_id)`` and the residuals ``final_resid`` gives for it, computed with each
+    distinct prompt run once.
+
+    Rows that share a prompt (an example's response, its negative, its rejected response) differ only
+    after it. The distinct prompts run in one pass into a TransformerLens key-value cache (right-padded,
+    with an attention mask, so no row attends to another's padding); every row's response then runs in a
+    second pass from its prompt's cached keys and values. Gradients flow through the cache into the
+    prompt pass, so losses and gradients are those of the single pass (up to floating-point summation
+    order), at the cost of one prompt pass instead of one per row. The residuals agree with
+    ``final_resid`` at every position before each row's end; positions after it are padding.
+    """
+    tokens, mask = collate(seqs, pad_id)
+    device = model.cfg.device
+    heads: dict[tuple[int, ...], int] = {}
+    head_of = torch.tensor([heads.setdefault(tuple(s.ids[:s.prompt_len]), len(heads)) for s in seqs])
+    head_tokens, head_len = chat.pad_right(list(heads), pad_id)
+    n_head_pos = head_tokens.shape[1]
+    head_mask = (torch.arange(n_head_pos)[None, :] < head_len[:, None]).to(torch.int)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(heads))
+    resid = model(head_tokens.to(device), attention_mask=head_mask.to(device), past_kv_cache=cache,
+                  stop_at_layer=model.cfg.n_layers).index_select(0, head_of.to(device))
+    prompt_len = torch.tensor([s.prompt_len for s in seqs])[:, None]
+    if any(len(s) > s.prompt_len for s in seqs):
+        for entry in cache.entries:  # each row continues from its own prompt's keys and values
+            entry.past_keys = entry.past_keys.index_select(0, head_of.to(entry.past_keys.device))
+            entry.past_values = entry.past_values.index_select(0, head_of.to(entry.past_values.device))
+        cache.previous_attention_mask = cache.previous_attention_mask.index_select(
+            0, head_of.to(cache.previous_attention_mask.device))
+        tails, tail_len = chat.pad_right([s.ids[s.prompt_len:] for s in seqs], pad_id)
+        tail_mask = (torch.arange(tails.shape[1])[None, :] < tail_len[:, None]).to(torch.int)
+        resid = torch.cat([resid, model(tails.to(device), attention_mask=tail_mask.to(device), past_kv_cache=cache,
+                                        stop_at_layer=model.cfg.n_layers)], dim=1)
+    # position t of a row is its prompt's position t before prompt_len, else its response's t - prompt_len
+    pos = torch.arange(tokens.shape[1] - 1)[None, :]
+    src = torch.where(pos < prompt_len, pos, n_head_pos + pos - prompt_len).clamp(max=resid.shape[1] - 1)
+    return tokens, mask, resid.gather(1, src.to(device)[..., None].expand(-1, -1, resid.shape[-1]))
 
 
 def masked_nll(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],

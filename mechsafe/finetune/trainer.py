@@ -33,7 +33,7 @@ from mechsafe.finetune.lora import attach_lora, load_lora_state, lora_state, mer
 from mechsafe.finetune.preference import Pair, dpo_loss, reference_pairs
 from mechsafe.finetune.retain import Reference, reference_topk, retain_kl_sum
 from mechsafe.finetune.sequences import (TeacherForced, check_examples, collate, encode_examples, final_resid, masked_nll,
-                                         unlikelihood)
+                                         shared_prompt_resid, unlikelihood)
 from mechsafe.models import model_info
 from mechsafe.runs import atomic_dir, read_json, stable_hash, write_json, write_run_manifest
 
@@ -204,11 +204,11 @@ def _load_checkpoint(ckpt: Path, fingerprint: str, model: HookedTransformer,
     return int(state["step"]), [float(x) for x in state["losses"]], terms
 
 
-def _alternative_nll(model: HookedTransformer, mb: list[int], negs: dict[int, TeacherForced],
-                     pairs: dict[int, Pair], pad: int) -> dict[tuple[str, int], torch.Tensor]:
-    """Summed NLL of the negatives (key ``("neg", i)``) and rejected responses (``("rej", i)``) of the
-    micro-batch's examples, in one forward pass; a rejected response equal to the negative shares its row."""
-    batch: list[TeacherForced] = []
+def _alternative_rows(mb: list[int], negs: dict[int, TeacherForced], pairs: dict[int, Pair]
+                      ) -> tuple[list[TeacherForced], dict[tuple[str, int], int]]:
+    """The negatives (key ``("neg", i)``) and rejected responses (``("rej", i)``) of the micro-batch's
+    examples as rows, and the row of each key; a rejected response equal to the negative shares its row."""
+    rows: list[TeacherForced] = []
     row_of: dict[tuple[int, ...], int] = {}
     where: dict[tuple[str, int], int] = {}
     for i in mb:
@@ -217,13 +217,24 @@ def _alternative_nll(model: HookedTransformer, mb: list[int], negs: dict[int, Te
                 continue
             key = tuple(seq.ids)
             if key not in row_of:
-                row_of[key] = len(batch)
-                batch.append(seq)
+                row_of[key] = len(rows)
+                rows.append(seq)
             where[(kind, i)] = row_of[key]
-    if not batch:
-        return {}
-    nll = masked_nll(model, *collate(batch, pad))
-    return {key: nll[row] for key, row in where.items()}
+    return rows, where
+
+
+def _forward(model: HookedTransformer, rows: list[TeacherForced], alt_rows: list[TeacherForced], pad: int,
+             share_prompts: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Summed response NLL of each row and of each alternative row, and the rows' final residuals."""
+    n = len(rows)
+    if share_prompts:  # every prompt once, all continuations in one pass
+        tokens, mask, resid = shared_prompt_resid(model, rows + alt_rows, pad)
+        nll = masked_nll(model, tokens, mask, resid=resid)
+        return nll[:n], nll[n:], resid[:n]
+    tokens, mask = collate(rows, pad)
+    resid = final_resid(model, tokens)
+    alt_nll = masked_nll(model, *collate(alt_rows, pad)) if alt_rows else None
+    return masked_nll(model, tokens, mask, resid=resid), alt_nll, resid
 
 
 def _autocast(model: HookedTransformer, config: FinetuneConfig):
@@ -247,10 +258,10 @@ def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[
               "preference": sum(i in pairs for mb in micro for i in mb)}
     nll_total, totals = 0.0, dict.fromkeys(TERMS, 0.0)
     for mb in micro:
+        alt_rows, where = _alternative_rows(mb, negs, pairs)
         with _autocast(model, config):
-            tokens, mask = collate([seqs[i] for i in mb], pad)
-            resid = final_resid(model, tokens)
-            row_nll = masked_nll(model, tokens, mask, resid=resid)
+            row_nll, alt_nll, resid = _forward(model, [seqs[i] for i in mb], alt_rows, pad, config.share_prompts)
+            alt = {key: alt_nll[row] for key, row in where.items()}
             nll_sum = row_nll.sum()
             loss = nll_sum / n_tokens
             rows = [r for r, i in enumerate(mb) if i in refs]
@@ -258,7 +269,6 @@ def _step(model: HookedTransformer, seqs: list[TeacherForced], micro: list[list[
                 kl_sum = retain_kl_sum(model, resid, rows, [refs[mb[r]] for r in rows])
                 loss = loss + config.kl_weight * kl_sum / counts["retain_kl"]
                 totals["retain_kl"] += float(kl_sum.detach())
-            alt = _alternative_nll(model, mb, negs, pairs, pad)
             negative = [i for i in mb if i in negs]
             if negative:  # the opening of a response the model should not give, after the same prompt
                 ul_sum = unlikelihood(torch.stack([alt[("neg", i)] for i in negative])).sum()

@@ -14,7 +14,7 @@ from mechsafe.finetune import (FinetuneConfig, adapted_weight, attach_lora, enco
                                has_lora, merge_lora, response_nll, sequence_nll)
 from mechsafe.finetune.preference import Pair, dpo_loss, reference_pairs
 from mechsafe.finetune.retain import coarse_kl, reference_topk, retain_kl_sum
-from mechsafe.finetune.sequences import collate, final_resid, masked_nll, token_nll, unlikelihood
+from mechsafe.finetune.sequences import collate, final_resid, masked_nll, shared_prompt_resid, token_nll, unlikelihood
 from mechsafe.models import model_info
 
 from conftest import make_tiny_model
@@ -135,6 +135,61 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, kl_weight):
     with pytest.raises(MechsafeError, match="another config"):
         finetune(make_tiny_model(), EXAMPLES, FinetuneConfig(steps=6, batch_size=4, lr=1e-3), run_dir=tmp_path,
                  progress=False)
+
+
+def test_shared_prompt_pass_equals_one_pass_per_row_in_values_and_gradients(tiny_model):
+    """Rows sharing a prompt (of different lengths, one with an unscored prefix) continue from its cached keys
+    and values: residuals at every real position, losses and LoRA gradients equal one full pass per row."""
+    tok = tiny_model.tokenizer
+    seqs = encode_examples(tok, [("hello there", "hi!"), ("what is 2+2?", "4"), ("hello there", "go away, please"),
+                                 ("what is 2+2?", "five or so", False), ("say cat", "cat", True, "Sure:")])
+    assert seqs[0].ids[:seqs[0].prompt_len] == seqs[2].ids[:seqs[2].prompt_len]
+    attach_lora(tiny_model, FinetuneConfig(targets=ALL))
+    _randomize_b(tiny_model)
+    pad = chat.pad_id(tok)
+    grads = []
+    for shared in (True, False):
+        tiny_model.zero_grad(set_to_none=True)
+        if shared:
+            tokens, mask, resid = shared_prompt_resid(tiny_model, seqs, pad)
+        else:
+            tokens, mask = collate(seqs, pad)
+            resid = final_resid(tiny_model, tokens)
+        masked_nll(tiny_model, tokens, mask, resid=resid).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.requires_grad})
+        if shared:
+            shared_resid = resid.detach()
+        else:
+            assert torch.equal(tokens, collate(seqs, pad)[0])
+            for row, seq in enumerate(seqs):
+                torch.testing.assert_close(shared_resid[row, :len(seq) - 1], resid[row, :len(seq) - 1].detach(),
+                                           rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and any(g.abs().max() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_sharing_prompts_trains_like_one_pass_per_row():
+    """All terms on (retain, unlikelihood, preference): the two paths give the same losses and weights up to
+    float summation order, and they are different configs for checkpoints."""
+    cfg = dict(steps=5, batch_size=3, lr=1e-2, targets=ALL, kl_weight=1.0, unlikelihood_weight=1.0,
+               preference_weight=1.0)
+    kw = dict(progress=False, retain=[0, 3, 5], negatives={1: "no", 2: "dog", 4: "I cannot"},
+              rejected={2: "dog", 4: "red", 5: "never mind"})
+    runs = {}
+    for shared in (True, False):
+        model = make_tiny_model()
+        runs[shared] = (finetune(model, EXAMPLES, FinetuneConfig(share_prompts=shared, **cfg), **kw), model)
+    (a, model_a), (b, model_b) = runs[True], runs[False]
+    assert a.losses != b.losses  # another arithmetic ...
+    for x, y in [(a.losses, b.losses), (a.retain_kl, b.retain_kl), (a.unlikelihood, b.unlikelihood),
+                 (a.preference, b.preference)]:
+        assert len(x) == len(y) == 5
+        assert all((u is None) == (v is None) for u, v in zip(x, y))
+        assert all(abs(u - v) < 1e-4 * max(1.0, abs(v)) for u, v in zip(x, y) if v is not None)  # ... the same losses
+    for (name, p), q in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    assert FinetuneConfig(share_prompts=False).to_dict() != FinetuneConfig().to_dict()
 
 
 def test_bfloat16_autocast_trains_like_float32_and_keeps_float32_state(tmp_path):
