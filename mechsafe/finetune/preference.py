@@ -41,17 +41,21 @@ class Pair:
 
 
 def reference_pairs(model: HookedTransformer, seqs: Sequence[TeacherForced], rejected: Mapping[int, TeacherForced],
-                    chosen_nll: Mapping[int, float] | None = None, batch_size: int = 16) -> dict[int, Pair]:
+                    chosen_nll: Mapping[int, float] | None = None, rejected_nll: Mapping[int, float] | None = None,
+                    batch_size: int = 16, share_prompts: bool = False) -> dict[int, Pair]:
     """:class:`Pair` of every example index in ``rejected`` (``model`` is the reference: call before training).
-    ``chosen_nll`` holds reference NLLs of examples' own responses already computed (the retain term's);
-    only the others are computed here."""
-    known = dict(chosen_nll or {})
+    ``chosen_nll`` and ``rejected_nll`` hold reference NLLs of examples' own and rejected responses already
+    computed (the retain term's pass computes both); only the others are computed here, with each prompt run
+    once for both of an example's responses when ``share_prompts``."""
+    known, known_rej = dict(chosen_nll or {}), dict(rejected_nll or {})
     idx = list(rejected)
     todo = [i for i in idx if i not in known]
-    nll, _ = sequence_nll(model, [seqs[i] for i in todo] + [rejected[i] for i in idx], batch_size)
-    known.update(zip(todo, nll[:len(todo)].tolist()))
-    other = nll[len(todo):].tolist()
-    return {i: Pair(rejected=rejected[i], ref_chosen_nll=known[i], ref_rejected_nll=r) for i, r in zip(idx, other)}
+    todo_rej = [i for i in idx if i not in known_rej]
+    if todo or todo_rej:
+        nll, _ = sequence_nll(model, [seqs[i] for i in todo] + [rejected[i] for i in todo_rej], batch_size, share_prompts)
+        known.update(zip(todo, nll[:len(todo)].tolist()))
+        known_rej.update(zip(todo_rej, nll[len(todo):].tolist()))
+    return {i: Pair(rejected=rejected[i], ref_chosen_nll=known[i], ref_rejected_nll=known_rej[i]) for i in idx}
 
 
 def dpo_loss(chosen_nll: Float[torch.Tensor, " n"], rejected_nll: Float[torch.Tensor, " n"],

@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 
 from mechsafe import chat
 from mechsafe.evaluation.generation import unembed
-from mechsafe.finetune.sequences import TeacherForced, eval_mode, final_resid
+from mechsafe.finetune.sequences import TeacherForced, eval_mode, final_resid, masked_nll, shared_prompt_resid
 
 _EPS = 1e-7
 
@@ -41,13 +41,21 @@ class Reference:
     response_nll: float
     """Summed NLL of the sequence's response tokens under the reference model (the preference term reuses
     it instead of a second forward pass over the same sequence)."""
+    alternative_nll: float | None = None
+    """Summed NLL of the response passed as this sequence's alternative to :func:`reference_topk` (its rejected
+    response), or ``None``."""
 
 
 @torch.no_grad()
-def reference_topk(model: HookedTransformer, seqs: Sequence[TeacherForced], k: int,
-                   batch_size: int = 16) -> list[Reference]:
+def reference_topk(model: HookedTransformer, seqs: Sequence[TeacherForced], k: int, batch_size: int = 16,
+                   alternatives: Sequence[TeacherForced | None] | None = None) -> list[Reference]:
     """Top-``k`` next-token distributions of ``model`` at every predicting position of each sequence (and
-    its response NLL). Sequences are batched longest first, so rows of similar length share a batch."""
+    its response NLL). Sequences are batched longest first, so rows of similar length share a batch.
+
+    ``alternatives[j]``, when given and not ``None``, is another response after the prompt of ``seqs[j]`` (its
+    rejected response): it runs in the same pass from the prompt's cached keys and values
+    (:func:`~mechsafe.finetune.sequences.shared_prompt_resid`, as does the whole pass then), and its response
+    NLL is kept as ``alternative_nll``."""
     k = min(k, model.cfg.d_vocab)
     pad = chat.pad_id(model.tokenizer)
     out: list[Reference | None] = [None] * len(seqs)
@@ -55,18 +63,26 @@ def reference_topk(model: HookedTransformer, seqs: Sequence[TeacherForced], k: i
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            tokens, lengths = chat.pad_right([seqs[i].ids for i in idx], pad)
-            n_pos = lengths - 1
-            sel = torch.arange(tokens.shape[1] - 1)[None, :] < n_pos[:, None]
-            resid = final_resid(model, tokens)
+            alt = [i for i in idx if alternatives is not None and alternatives[i] is not None]
+            rows = [seqs[i] for i in idx]
+            if alternatives is not None:
+                tokens, mask, resid = shared_prompt_resid(model, rows + [alternatives[i] for i in alt], pad)
+                alt_nll = masked_nll(model, tokens[len(idx):], mask[len(idx):], resid=resid[len(idx):]).tolist()
+                tokens, resid = tokens[:len(idx)], resid[:len(idx)]
+            else:
+                tokens, _ = chat.pad_right([s.ids for s in rows], pad)
+                resid, alt_nll = final_resid(model, tokens), []
+            n_pos = torch.tensor([len(s) - 1 for s in rows])
+            sel = torch.arange(resid.shape[1])[None, :] < n_pos[:, None]
             logp = torch.log_softmax(unembed(model, resid[sel.to(resid.device)]).float(), dim=-1)
             top = logp.topk(k, dim=-1)
             sizes = n_pos.tolist()
+            other = dict(zip(alt, alt_nll))
             for i, lp, v, j in zip(idx, logp.split(sizes), top.values.split(sizes), top.indices.split(sizes)):
                 seq = seqs[i]  # position t predicts token t + 1; the response starts at prompt_len
                 targets = torch.tensor(seq.ids[seq.prompt_len:], device=lp.device)
                 nll = -lp[seq.prompt_len - 1:].gather(1, targets[:, None]).sum()
-                out[i] = Reference(logp=v.cpu(), idx=j.cpu(), response_nll=float(nll))
+                out[i] = Reference(logp=v.cpu(), idx=j.cpu(), response_nll=float(nll), alternative_nll=other.get(i))
     return out
 
 

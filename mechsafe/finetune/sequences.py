@@ -200,20 +200,29 @@ def eval_mode(model: HookedTransformer) -> Iterator[HookedTransformer]:
 
 
 @torch.no_grad()
-def sequence_nll(model: HookedTransformer, seqs: Sequence[TeacherForced], batch_size: int = 8
-                 ) -> tuple[Float[torch.Tensor, " n"], Int[torch.Tensor, " n"]]:
+def sequence_nll(model: HookedTransformer, seqs: Sequence[TeacherForced], batch_size: int = 8,
+                 share_prompts: bool = False) -> tuple[Float[torch.Tensor, " n"], Int[torch.Tensor, " n"]]:
     """Summed NLL of each sequence's response tokens (prompt masked), in eval mode, and the number of
-    those tokens. Sequences are batched longest first, so rows of similar length share a batch."""
+    those tokens. Sequences are batched longest first, so rows of similar length share a batch; with
+    ``share_prompts`` rows with the same prompt are batched together and each prompt runs once
+    (:func:`shared_prompt_resid`)."""
     if batch_size < 1:
         raise MechsafeError(f"batch_size={batch_size} must be a positive integer")
     pad = chat.pad_id(model.tokenizer)
     total, count = torch.empty(len(seqs)), torch.empty(len(seqs), dtype=torch.long)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    if share_prompts:
+        order = sorted(range(len(seqs)), key=lambda i: (-seqs[i].prompt_len, seqs[i].ids[:seqs[i].prompt_len], -len(seqs[i])))
+    else:
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     with eval_mode(model):
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
-            tokens, mask = collate([seqs[i] for i in idx], pad)
-            total[idx] = masked_nll(model, tokens, mask).cpu()
+            rows = [seqs[i] for i in idx]
+            if share_prompts:
+                tokens, mask, resid = shared_prompt_resid(model, rows, pad)
+            else:
+                (tokens, mask), resid = collate(rows, pad), None
+            total[idx] = masked_nll(model, tokens, mask, resid=resid).cpu()
             count[idx] = mask.sum(1).long()
     return total, count
 

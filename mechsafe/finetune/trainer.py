@@ -333,11 +333,15 @@ def finetune(model: HookedTransformer, examples: Sequence[tuple], config: Finetu
                                 "rejected responses")
     fingerprint = _fingerprint(config, examples, system, retain, negatives, rejected)
     run_dir = Path(run_dir) if run_dir is not None else None
-    refs: dict[int, Reference] = {}
-    if retain:  # the model is still the one before training
-        refs = dict(zip(retain, reference_topk(model, [seqs[i] for i in retain], config.kl_top_k)))
     negs, rejs = (_encode_responses(model, examples, responses, config, system) for responses in (negatives, rejected))
-    pairs = reference_pairs(model, seqs, rejs, {i: r.response_nll for i, r in refs.items()}) if rejs else {}
+    refs: dict[int, Reference] = {}
+    if retain:  # the model is still the one before training; with shared prompts it scores their rejected responses too
+        alternatives = [rejs.get(i) for i in retain] if config.share_prompts else None
+        refs = dict(zip(retain, reference_topk(model, [seqs[i] for i in retain], config.kl_top_k,
+                                               alternatives=alternatives)))
+    pairs = reference_pairs(model, seqs, rejs, {i: r.response_nll for i, r in refs.items()},
+                            {i: r.alternative_nll for i, r in refs.items() if r.alternative_nll is not None},
+                            share_prompts=config.share_prompts) if rejs else {}
     enabled = {"retain_kl": bool(refs), "unlikelihood": bool(negs), "preference": bool(pairs)}
 
     tuner = attach_lora(model, config)

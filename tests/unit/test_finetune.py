@@ -169,6 +169,32 @@ def test_shared_prompt_pass_equals_one_pass_per_row_in_values_and_gradients(tiny
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
 
 
+def test_reference_passes_with_shared_prompts_equal_one_pass_per_row():
+    """The retain term's top-k pass scoring each example's rejected response from the same prompt pass, and
+    sequence_nll batching rows by prompt, give the per-row passes' figures."""
+    model = make_tiny_model()
+    tok = model.tokenizer
+    seqs = encode_examples(tok, EXAMPLES)
+    alts = encode_examples(tok, [(p, "no way") for p, _ in EXAMPLES[:4]])
+    alternatives = [alts[0], None, alts[2], alts[3], None, None]
+    plain = reference_topk(model, seqs, 5, batch_size=4)
+    shared = reference_topk(model, seqs, 5, batch_size=4, alternatives=alternatives)
+    alt_nll, _ = sequence_nll(model, alts)
+    for j, (a, b) in enumerate(zip(plain, shared)):
+        torch.testing.assert_close(b.logp, a.logp, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.idx, b.idx) and abs(a.response_nll - b.response_nll) < 1e-4
+        assert a.alternative_nll is None
+        if alternatives[j] is None:
+            assert b.alternative_nll is None
+        else:
+            assert abs(b.alternative_nll - float(alt_nll[alts.index(alternatives[j])])) < 1e-4
+    rows = seqs + alts
+    per_row, count = sequence_nll(model, rows, batch_size=3)
+    by_prompt, count2 = sequence_nll(model, rows, batch_size=3, share_prompts=True)
+    assert torch.equal(count, count2)
+    torch.testing.assert_close(by_prompt, per_row, rtol=1e-5, atol=1e-4)
+
+
 def test_sharing_prompts_trains_like_one_pass_per_row():
     """All terms on (retain, unlikelihood, preference): the two paths give the same losses and weights up to
     float summation order, and they are different configs for checkpoints."""
