@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_activations.py
 	$(BIN)/python benchmarks/bench_generation.py
 	$(BIN)/python benchmarks/bench_finetune_precision.py
+	$(BIN)/python benchmarks/bench_shared_prompts.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,7 +11,9 @@ The reference distributions are computed once, before the adapters are attached,
 their ``kl_top_k`` most probable tokens plus one bucket for all other tokens. The KL between two
 distributions coarsened to those ``k + 1`` outcomes is what is optimized: it is a lower bound
 on the full KL (coarsening never increases a divergence) and equals it when ``k`` covers the
-vocabulary. At initialization LoRA changes nothing, so the term starts at exactly 0.
+vocabulary. At initialization LoRA changes nothing, so the term starts at 0: exactly with one pass
+per row, within float rounding (~1e-9) when the reference and training passes batch rows differently,
+as with shared prompts.
 """
 
 from __future__ import annotations
