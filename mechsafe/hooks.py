@@ -25,6 +25,10 @@ HOOK_KINDS: dict[str, str] = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "mlp_post": "blocks.{layer}.mlp.hook_post",
     "mlp_pre": "blocks.{layer}.mlp.hook_pre",
+    "mlp_pre_linear": "blocks.{layer}.mlp.hook_pre_linear",
+    "attn_q": "blocks.{layer}.attn.hook_q",
+    "attn_k": "blocks.{layer}.attn.hook_k",
+    "attn_v": "blocks.{layer}.attn.hook_v",
     "attn_z": "blocks.{layer}.attn.hook_z",
 }
 """Hook kinds and the TransformerLens hook-name template of each (``{layer}`` is filled in)."""

@@ -1,9 +1,9 @@
 """LoRA fine-tuning of ``HookedTransformer`` s through PEFT, with a response-only loss.
 
-MLP weights are adapted with PEFT's ``target_parameters`` (``lora.ParamWrapper``); attention
-weights with mechsafe's :class:`~mechsafe.finetune.lora.AttentionLora`, a PEFT LoRA layer
-registered through PEFT's custom-module mapping because TransformerLens calls attention with
-keyword arguments only (see :mod:`mechsafe.finetune.lora` and ``docs/finetune.md``).
+Attention and MLP weights are adapted by mechsafe's :class:`~mechsafe.finetune.lora.TransformerLensLora`,
+a PEFT LoRA layer registered through PEFT's custom-module mapping: TransformerLens keeps its weights as
+bare parameters and calls attention with keyword arguments only, and the layer adds each weight's
+low-rank branch at TransformerLens's hook points (see :mod:`mechsafe.finetune.lora` and ``docs/finetune.md``).
 
 Example::
 

@@ -9,9 +9,9 @@ from typing import Any
 from mechsafe.errors import MechsafeError
 
 MLP_TARGETS = ("mlp.W_in", "mlp.W_gate", "mlp.W_out")
-"""MLP weights, adapted through PEFT's ``target_parameters`` (``lora.ParamWrapper``)."""
+"""MLP weights (TransformerLens ``MLP`` and ``GatedMLP``)."""
 ATTN_TARGETS = ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O")
-"""Attention weights, adapted through mechsafe's :class:`~mechsafe.finetune.lora.AttentionLora` layer."""
+"""Attention weights. Both kinds are adapted by mechsafe's :class:`~mechsafe.finetune.lora.TransformerLensLora` layer."""
 TARGETS = MLP_TARGETS + ATTN_TARGETS
 """Every weight a :class:`FinetuneConfig` may target."""
 SCHEDULES = ("constant", "linear")
@@ -34,8 +34,8 @@ class FinetuneConfig:
     alpha: float = 16.0
     """LoRA scale numerator: the update is ``(alpha / rank) * B @ A``."""
     dropout: float = 0.0
-    """LoRA dropout. Must be 0: parameter LoRA adds ``B @ A`` to the weight itself, so there is no
-    separate input branch to drop (PEFT's ``ParamWrapper`` rejects ``lora_dropout`` for that reason)."""
+    """LoRA dropout: the probability of dropping an input element of the low-rank branch
+    ``scale * (x @ A.T) @ B.T`` while training (0: off; the frozen weight always sees the whole input)."""
     targets: tuple[str, ...] = ("mlp.W_in", "mlp.W_out", "attn.W_Q", "attn.W_O")
     """Weights to adapt, TransformerLens names: any of ``mlp.W_in``, ``mlp.W_gate``, ``mlp.W_out``,
     ``attn.W_Q``, ``attn.W_K``, ``attn.W_V``, ``attn.W_O`` (``W_K``/``W_V`` adapt the grouped
@@ -118,9 +118,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise MechsafeError(f"{name}={value!r} must be a non-negative integer")
-        if self.dropout != 0:
-            raise MechsafeError(f"dropout={self.dropout} is not supported by parameter LoRA (the update is added to "
-                                "the weight, there is no input branch to drop); set dropout=0")
+        if not 0 <= self.dropout < 1:
+            raise MechsafeError(f"dropout={self.dropout} must be in [0, 1) (0 turns LoRA dropout off)")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise MechsafeError(f"alpha={self.alpha} must be a positive number")
         if not (self.lr > 0 and math.isfinite(self.lr)):

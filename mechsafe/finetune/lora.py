@@ -1,23 +1,31 @@
 """Attaching LoRA adapters to a ``HookedTransformer`` through PEFT, and merging them back.
 
 TransformerLens keeps its weights as bare ``nn.Parameter`` s (``mlp.W_in`` is ``[d_model, d_mlp]``,
-``attn.W_Q`` is ``[n_heads, d_model, d_head]``), not ``nn.Linear`` layers, so LoRA targets
-*parameters*:
+``attn.W_Q`` is ``[n_heads, d_model, d_head]``), not ``nn.Linear`` layers, and calls its attention
+modules with keyword arguments only (``attn(query_input=..., key_input=..., ...)``). mechsafe
+registers its own PEFT LoRA layer, :class:`TransformerLensLora`, for TransformerLens's attention and
+MLP modules through PEFT's custom-module extension point (``LoraConfig._register_custom_module``)
+and targets those modules with ``target_modules``. One layer adapts any of its module's weights at
+once and passes every argument through unchanged, keywords included.
 
-* **MLP weights** go through PEFT's own ``LoraConfig(target_parameters=[...])``: PEFT wraps the MLP
-  module in (nested) ``lora.ParamWrapper`` s that add ``scale * B @ A`` to each weight for the
-  duration of the forward. TransformerLens calls the MLP with one positional argument, which is
-  what ``ParamWrapper.forward(x, ...)`` expects.
-* **Attention weights** cannot use ``ParamWrapper``: TransformerLens calls attention with keyword
-  arguments only (``attn(query_input=..., key_input=..., value_input=..., ...)``), while
-  ``ParamWrapper.forward(x, *args, **kwargs)`` needs a positional ``x`` and raises ``TypeError``.
-  mechsafe registers its own LoRA layer, :class:`AttentionLora`, for TransformerLens attention
-  modules through PEFT's custom-module extension point (``LoraConfig._register_custom_module``)
-  and targets those modules with ``target_modules``. One ``AttentionLora`` adapts any of the
-  module's ``W_Q``, ``_W_K``, ``_W_V`` and ``W_O`` at once (no nesting) and passes every argument
-  through unchanged, keywords included.
+The update is computed as LoRA computes it on an ``nn.Linear``: the module runs with its own frozen
+weights, and each adapted weight ``W`` (input ``x``) adds the low-rank branch
+``scale * (x @ A.T) @ B.T`` to that weight's output, never forming ``W + scale * B @ A``:
 
-Both kinds live in one PEFT ``LoraModel``: PEFT marks only the LoRA factors trainable, and
+* a weight whose output has a hook point of its own (``W_Q``/``_W_K``/``_W_V`` -> ``hook_q``/``k``/``v``;
+  ``W_gate`` -> ``mlp.hook_pre``; ``W_in`` -> ``hook_pre_linear`` of a gated MLP, ``hook_pre`` of
+  another) reads ``x`` from the module's arguments and adds the branch at that hook point, before any
+  other hook there, so every hook sees the adapted value;
+* ``W_O`` and ``W_out`` read ``x`` at ``hook_z`` / ``mlp.hook_post`` after every other hook there (what
+  the weight itself receives) and add the branch to the module's output.
+
+These hooks live only for the duration of the module's forward. The backward pass then computes the
+input gradient through the frozen weight and the small factor gradients, instead of a full
+weight-sized gradient of ``W + scale * B @ A`` and a fresh copy of every adapted weight per forward pass
+(parameter LoRA, PEFT's ``target_parameters``); on the align recipe's steps that is about
+1.5x faster (``benchmarks/bench_lora_branch.py``). Values equal a merged model's up to float rounding.
+
+All layers live in one PEFT ``LoraModel``: PEFT marks only the LoRA factors trainable, and
 ``LoraModel.merge_and_unload()`` folds every adapter into its weight and puts the original
 TransformerLens modules back, so a merged model is a plain ``HookedTransformer``.
 """
@@ -27,13 +35,15 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from jaxtyping import Float
 from torch import nn
 from transformer_lens import HookedTransformer
 from transformer_lens.components.abstract_attention import AbstractAttention
+from transformer_lens.components.mlps.gated_mlp import GatedMLP
+from transformer_lens.components.mlps.mlp import MLP
 
 from mechsafe.errors import MechsafeError
 from mechsafe.finetune.config import FinetuneConfig
@@ -43,8 +53,12 @@ from mechsafe.models import linear_layout
 ADAPTER = "default"
 """Name of the one adapter mechsafe trains."""
 
-_QKV = ("W_Q", "_W_K", "_W_V", "W_K", "W_V")  # [heads, d_model, d_head]: input d_model, output heads x d_head
-_OUT = ("W_O",)  # [heads, d_head, d_model]: input heads x d_head, output d_model
+_QKV = {"W_Q": ("query_input", "hook_q"), "_W_K": ("key_input", "hook_k"), "_W_V": ("value_input", "hook_v"),
+        "W_K": ("key_input", "hook_k"), "W_V": ("value_input", "hook_v")}
+"""Attention weights ``[heads, d_model, d_head]``: the keyword argument they read and the hook point of their output."""
+_ATTN_ARGS = ("query_input", "key_input", "value_input")
+"""TransformerLens attention's first positional parameters, in order."""
+_MLP_WEIGHTS = ("W_in", "W_gate", "W_out")
 
 
 def _lora_layer_cls():
@@ -53,41 +67,62 @@ def _lora_layer_cls():
     return LoraLayer
 
 
-def _attention_weight_dims(name: str, shape: torch.Size) -> tuple[int, int]:
-    """(in_features, out_features) of a 3-D attention weight seen as one linear map."""
-    heads, a, b = shape
-    if name in _QKV:
-        return a, heads * b
-    if name in _OUT:
-        return heads * a, b
-    raise MechsafeError(f"attention weight {name!r} cannot take LoRA; use one of W_Q, W_K, W_V, W_O")
+def _weight_dims(name: str, shape: torch.Size) -> tuple[int, int]:
+    """(in_features, out_features) of a TransformerLens weight seen as one linear map."""
+    if name in _MLP_WEIGHTS and len(shape) == 2:
+        return shape[0], shape[1]
+    if len(shape) == 3 and name in _QKV:
+        heads, d_model, d_head = shape
+        return d_model, heads * d_head
+    if len(shape) == 3 and name == "W_O":
+        heads, d_head, d_model = shape
+        return heads * d_head, d_model
+    raise MechsafeError(f"weight {name!r} of shape {tuple(shape)} cannot take LoRA; "
+                        "adapt mlp.W_in, W_gate, W_out or attn.W_Q, W_K, W_V, W_O")
 
 
-def _make_attention_lora_cls():
-    """Build :class:`AttentionLora` (PEFT is imported lazily: no import cost for ``import mechsafe``)."""
+def _check_supported(module: nn.Module, weights: tuple[str, ...]) -> None:
+    """One-line errors for TransformerLens modules and settings the low-rank branch does not cover."""
+    cfg = module.cfg
+    if getattr(cfg, "load_in_4bit", False):
+        raise MechsafeError("LoRA on a 4-bit model is not supported; load the model in float32 or bfloat16")
+    if isinstance(module, AbstractAttention):
+        if cfg.use_split_qkv_input or cfg.use_attn_in:
+            raise MechsafeError("LoRA on attention needs use_split_qkv_input=False and use_attn_in=False; "
+                                "switch them off while the adapters are attached")
+        if "W_O" in weights and cfg.use_attn_result:
+            raise MechsafeError("LoRA on attn.W_O needs use_attn_result=False (hook_result would miss the update); "
+                                "switch it off while the adapters are attached or merge them first")
+    elif not isinstance(module, (MLP, GatedMLP)):
+        raise MechsafeError(f"LoRA on MLP weights supports TransformerLens MLP and GatedMLP, not {type(module).__name__}; "
+                            "drop the mlp.* targets for this model")
+
+
+def _make_lora_cls():
+    """Build :class:`TransformerLensLora` (PEFT is imported lazily: no import cost for ``import mechsafe``)."""
     from peft.tuners.tuners_utils import check_adapters_to_merge
 
     LoraLayer = _lora_layer_cls()
 
-    class AttentionLora(nn.Module, LoraLayer):
-        """LoRA on the weights of a TransformerLens attention module, called with keyword arguments.
+    class TransformerLensLora(nn.Module, LoraLayer):
+        """LoRA on the weights of one TransformerLens attention or MLP module (see the module docstring).
 
-        Each adapted weight gets factors ``A`` [r, in] and ``B`` [out, r] (``B`` starts at zero,
-        so the adapter starts as the identity); the update ``scale * B @ A`` is reshaped to the
-        weight's TransformerLens shape: ``W_Q``/``_W_K``/``_W_V`` map ``d_model -> heads * d_head``,
-        ``W_O`` maps ``heads * d_head -> d_model``. The forward runs the wrapped module with the
-        updated weights (``torch.func.functional_call``), passing every argument through, so
-        TransformerLens's keyword-only call works and every hook point inside still fires.
+        Each adapted weight gets factors ``A`` [r, in] and ``B`` [out, r] (``B`` starts at zero, so the
+        adapter starts as the identity). Its update ``scale * B @ A``, reshaped to the weight's
+        TransformerLens shape, is what merging adds: ``W_Q``/``_W_K``/``_W_V`` map ``d_model -> heads * d_head``,
+        ``W_O`` maps ``heads * d_head -> d_model``, ``W_in``/``W_gate`` map ``d_model -> d_mlp`` and
+        ``W_out`` maps ``d_mlp -> d_model``.
         """
 
         adapter_layer_names = ("lora_A", "lora_B")
 
         def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1,
-                     weights: tuple[str, ...] = ("W_Q", "W_O"), **kwargs: Any) -> None:
+                     weights: tuple[str, ...] = (), **kwargs: Any) -> None:
             super().__init__()
             kwargs.pop("parameter_name", None)
             LoraLayer.__init__(self, base_layer, **kwargs)
             self.weights = tuple(weights)
+            _check_supported(self.get_base_layer(), self.weights)
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
@@ -97,18 +132,16 @@ def _make_attention_lora_cls():
         def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs: Any) -> None:
             if r <= 0:
                 raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-            if config.lora_dropout:
-                raise ValueError("AttentionLora does not support lora_dropout (parameter LoRA)")
             base = self.get_base_layer()
             self.r[adapter_name] = r
             self.lora_alpha[adapter_name] = lora_alpha
             self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if config.use_rslora else r)
             self.use_rslora[adapter_name] = config.use_rslora
-            self.lora_dropout[adapter_name] = nn.Identity()
+            self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
             a_dict, b_dict = nn.ParameterDict(), nn.ParameterDict()
             for name in self.weights:
                 weight = getattr(base, name)
-                n_in, n_out = _attention_weight_dims(name, weight.shape)
+                n_in, n_out = _weight_dims(name, weight.shape)
                 a = torch.empty(r, n_in, dtype=weight.dtype, device=weight.device)
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # the initialization of PEFT's lora_A
                 a_dict[name] = nn.Parameter(a)
@@ -120,30 +153,86 @@ def _make_attention_lora_cls():
         def get_delta_weight(self, adapter_name: str, name: str) -> torch.Tensor:
             """The update of weight ``name`` in its TransformerLens shape."""
             weight = getattr(self.get_base_layer(), name)
-            heads, a, b = weight.shape
             delta = (self.lora_B[adapter_name][name] @ self.lora_A[adapter_name][name]) * self.scaling[adapter_name]
+            if weight.dim() == 2:  # delta: [out, in] -> [in, out]
+                return delta.T.to(weight.dtype)
+            heads, a, b = weight.shape
             if name in _QKV:  # delta: [heads*d_head, d_model] -> [heads, d_model, d_head]
                 return delta.reshape(heads, b, a).transpose(1, 2).to(weight.dtype)
             return delta.T.reshape(heads, a, b).to(weight.dtype)  # [d_model, heads*d_head] -> [heads, d_head, d_model]
 
-        def _adapted_weights(self) -> dict[str, torch.Tensor]:
+        def _branch(self, name: str, x: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+            """``into + sum over active adapters of (scale * dropout(x) @ A.T) @ B.T`` for weight ``name``: input
+            ``x [..., in]``, ``into [..., out]`` (``None``: zeros). The scale is applied to the rank-``r`` product and
+            each adapter's ``B`` product is accumulated into ``into`` by one fused ``addmm``."""
+            out = into.reshape(-1, into.shape[-1]) if into is not None else None
+            for adapter in self.active_adapters:
+                if adapter not in self.lora_A:
+                    continue
+                a, b = self.lora_A[adapter][name], self.lora_B[adapter][name]
+                h = (self.lora_dropout[adapter](x.to(a.dtype)) @ a.T).reshape(-1, a.shape[0]) * self.scaling[adapter]
+                out = h @ b.T if out is None else torch.addmm(out.to(h.dtype), h, b.T)
+            return out.reshape(*x.shape[:-1], -1)
+
+        def _routes(self, args: tuple, kwargs: dict) -> tuple[list[tuple[str, torch.Tensor, str]], list[tuple[str, str]]]:
+            """Weights whose input is an argument (``(name, x, output hook)``) and weights whose input is read at a
+            hook point and whose branch joins the module's output (``(name, input hook)``)."""
             base = self.get_base_layer()
-            out = {}
-            for name in self.weights:
-                deltas = [self.get_delta_weight(ad, name) for ad in self.active_adapters if ad in self.lora_A]
-                if deltas:
-                    out[name] = getattr(base, name) + sum(deltas)
-            return out
+            _check_supported(base, self.weights)
+            at_hook, to_output = [], []
+            if isinstance(base, AbstractAttention):
+                inputs = dict(zip(_ATTN_ARGS, args)) | kwargs
+                for name in self.weights:
+                    if name == "W_O":
+                        to_output.append((name, "hook_z"))
+                    else:
+                        arg, hook = _QKV[name]
+                        at_hook.append((name, inputs[arg], hook))
+            else:
+                x = args[0] if args else kwargs["x"]
+                gated = isinstance(base, GatedMLP)
+                for name in self.weights:
+                    if name == "W_out":
+                        to_output.append((name, "hook_post"))
+                    else:
+                        at_hook.append((name, x, "hook_pre" if name == "W_gate" or not gated else "hook_pre_linear"))
+            return at_hook, to_output
 
         def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-            base = self.base_layer
+            base = self.get_base_layer()
             if self.disable_adapters:
                 if self.merged:
                     self.unmerge()
-                return base(*args, **kwargs)
-            if self.merged:
-                return base(*args, **kwargs)
-            return torch.func.functional_call(base, self._adapted_weights(), args, kwargs)
+                return self.base_layer(*args, **kwargs)
+            if self.merged or not any(a in self.lora_A for a in self.active_adapters):
+                return self.base_layer(*args, **kwargs)
+            at_hook, to_output = self._routes(args, kwargs)
+            seen: dict[str, torch.Tensor] = {}
+            handles = []
+            try:
+                for name, x, hook in at_hook:  # first at its hook point: every other hook sees the adapted value
+                    handles.append(getattr(base, hook).register_forward_hook(self._adder(name, x), prepend=True))
+                for name, hook in to_output:  # last at its hook point: the input the weight itself receives
+                    handles.append(getattr(base, hook).register_forward_hook(_recorder(seen, name)))
+                out = self.base_layer(*args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, _ in to_output:
+                x = seen[name]
+                out = self._branch(name, x.flatten(-2) if name == "W_O" else x, into=out).to(out.dtype)
+            return out
+
+        def _adder(self, name: str, x: torch.Tensor) -> Callable:
+            def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+                if output.dim() == x.dim():  # MLP: [..., d_mlp]
+                    return self._branch(name, x, into=output).to(output.dtype)
+                heads, weight_heads = output.shape[-2], getattr(self.get_base_layer(), name).shape[0]
+                if heads == weight_heads:  # attention: [..., heads * d_head] <-> [..., heads, d_head]
+                    return self._branch(name, x, into=output.flatten(-2)).reshape(output.shape).to(output.dtype)
+                y = self._branch(name, x).unflatten(-1, (weight_heads, -1))  # grouped K/V feeding ungrouped heads
+                return output + y.repeat_interleave(heads // weight_heads, dim=-2).to(output.dtype)
+            return hook
 
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
             base = self.get_base_layer()
@@ -170,15 +259,21 @@ def _make_attention_lora_cls():
                         getattr(base, name).data -= self.get_delta_weight(adapter, name)
 
         def __repr__(self) -> str:
-            return f"mechsafe.AttentionLora(weights={list(self.weights)}, base_layer={self.base_layer!r})"
+            return f"mechsafe.TransformerLensLora(weights={list(self.weights)}, base_layer={self.base_layer!r})"
 
-    return AttentionLora
+    return TransformerLensLora
+
+
+def _recorder(store: dict[str, torch.Tensor], name: str) -> Callable:
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        store[name] = output
+    return hook
 
 
 @functools.lru_cache(maxsize=1)
-def attention_lora_cls() -> type:
-    """The :class:`AttentionLora` class (a PEFT ``LoraLayer``), built on first use."""
-    return _make_attention_lora_cls()
+def lora_layer_cls() -> type:
+    """The :class:`TransformerLensLora` class (a PEFT ``LoraLayer``), built on first use."""
+    return _make_lora_cls()
 
 
 def _attention_param_name(model: HookedTransformer, target: str) -> str:
@@ -196,22 +291,30 @@ def _attention_param_name(model: HookedTransformer, target: str) -> str:
 
 
 def peft_config(model: HookedTransformer, config: FinetuneConfig):
-    """The PEFT ``LoraConfig`` for ``config`` on ``model`` (MLP parameters + mechsafe attention layers)."""
+    """The PEFT ``LoraConfig`` for ``config`` on ``model``: the attention and MLP modules of the selected layers,
+    each adapted by one :class:`TransformerLensLora`."""
     from peft import LoraConfig
 
     layers = parse_layers(config.layers, model.cfg.n_layers)
-    mlp = [t for t in config.targets if t.startswith("mlp.")]
+    mlp = [t.split(".", 1)[1] for t in config.targets if t.startswith("mlp.")]
     attn = [_attention_param_name(model, t) for t in config.targets if t.startswith("attn.")]
     if model.cfg.attn_only and mlp:
-        raise MechsafeError(f"this model has no MLPs; drop {mlp} from the LoRA targets")
-    if mlp and not model.cfg.gated_mlp and "mlp.W_gate" in mlp:
+        raise MechsafeError(f"this model has no MLPs; drop {['mlp.' + w for w in mlp]} from the LoRA targets")
+    if "W_gate" in mlp and not model.cfg.gated_mlp:
         raise MechsafeError("this model's MLP is not gated (no W_gate); drop mlp.W_gate from the LoRA targets")
-    target_parameters = [f"blocks.{i}.{t}" for i in layers for t in mlp]
-    target_modules: Any = [] if not attn else rf"blocks\.({'|'.join(str(i) for i in layers)})\.attn"
-    lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
-                             target_modules=target_modules, target_parameters=target_parameters or None)
+    cls = lora_layer_cls()
+    kinds, custom = [], {}
     if attn:
-        lora_config._register_custom_module({AbstractAttention: functools.partial(attention_lora_cls(), weights=tuple(attn))})
+        kinds.append("attn")
+        custom[AbstractAttention] = functools.partial(cls, weights=tuple(attn))
+    if mlp:
+        kinds.append("mlp")
+        custom[MLP] = custom[GatedMLP] = functools.partial(cls, weights=tuple(mlp))
+        _check_supported(model.blocks[layers[0]].mlp, tuple(mlp))
+    target = rf"blocks\.({'|'.join(str(i) for i in layers)})\.({'|'.join(kinds)})"
+    lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
+                             target_modules=target)
+    lora_config._register_custom_module(custom)
     return lora_config
 
 
@@ -232,7 +335,8 @@ def attach_lora(model: HookedTransformer, config: FinetuneConfig):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tuner = LoraModel(model, lora_config, ADAPTER)
-    tuner.mechsafe_parameter_order = order  # PEFT's parametrizations re-register weights at the end
+    model.train(model.training)  # new modules (dropout) start in training mode: give them the model's mode
+    tuner.mechsafe_parameter_order = order  # restored by merge_lora/remove_lora
     return tuner
 
 
@@ -290,8 +394,6 @@ def adapted_weight(model: HookedTransformer, target: str, layer: int) -> torch.T
     ``scale * B @ A`` in TransformerLens shape), e.g. inside a :func:`~mechsafe.finetune.finetune`
     callback that snapshots neuron weights.
     """
-    from peft.tuners.lora.layer import ParamWrapper
-
     kind, _, short = target.partition(".")
     if kind not in ("mlp", "attn") or not short:
         raise MechsafeError(f"target {target!r} must look like 'mlp.W_in' or 'attn.W_O'")
@@ -301,15 +403,11 @@ def adapted_weight(model: HookedTransformer, target: str, layer: int) -> torch.T
     if kind == "attn":
         short = _attention_param_name(model, target)
     delta = None
-    while isinstance(module, _lora_layer_cls()):
-        if isinstance(module, ParamWrapper) and module.parameter_name == short and ADAPTER in module.lora_A:
-            delta = module.get_delta_weight(ADAPTER)
-        elif getattr(module, "weights", None) and short in module.weights and ADAPTER in module.lora_A:
+    if isinstance(module, _lora_layer_cls()):
+        if short in module.weights and ADAPTER in module.lora_A and not module.merged:
             delta = module.get_delta_weight(ADAPTER, short)
-        module = module.base_layer
+        module = module.get_base_layer()
     weight = getattr(module, short, None)
     if not isinstance(weight, torch.Tensor):
         raise MechsafeError(f"block {layer}'s {kind} has no weight {short}")
-    merged = any(getattr(m, "merged", False) for m in getattr(model.blocks[layer], kind).modules()
-                 if isinstance(m, _lora_layer_cls()))
-    return weight.detach().clone() if delta is None or merged else (weight + delta).detach()
+    return weight.detach().clone() if delta is None else (weight + delta).detach()
