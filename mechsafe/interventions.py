@@ -127,8 +127,9 @@ def steer(model: HookedTransformer, vector: torch.Tensor, layers: str | int | Se
     """Activation addition: ``x ← x + coeff · vector`` at ``hook`` of each layer in ``layers``.
 
     ``vector`` is used as given (not normalized). ``positions`` (default: all) index the hooked
-    activation's ``pos`` dimension; under KV-cached generation each decoding step sees only the new
-    token, so position lists are meant for single forward passes.
+    activation's ``pos`` dimension; under KV-cached generation the shared prompt prefix, the rest of the
+    prompt and each decoding step are separate forward passes (``generate(share_prefix=False)`` runs the
+    whole prompt in one), so position lists are meant for single forward passes.
     """
     v = torch.as_tensor(vector).detach().flatten()
     names = hook_names(model, hook, layers)

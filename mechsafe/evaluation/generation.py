@@ -1,11 +1,13 @@
 """Batched generation and last-position logits through a ``HookedTransformer``.
 
-Generation left-pads each batch, passes an explicit attention mask built from the prompt lengths
-(never from token ids: the pad token ``<|im_end|>`` also ends every chat turn) and decodes with a
-TransformerLens key-value cache. TransformerLens derives rotary positions from the mask's cumulative
-sum, so a left-padded row sees the same positions as the prompt alone, and greedy batched output
-equals unbatched output. Hooks on the model (e.g. from :mod:`mechsafe.interventions`) stay active
-for the prompt pass and every decoding step.
+Generation runs the tokens every prompt of a batch starts with (the chat template's system turn) once
+into a TransformerLens key-value cache, left-pads the rest of each prompt after them, passes an explicit
+attention mask built from the prompt lengths (never from token ids: the pad token ``<|im_end|>`` also
+ends every chat turn) and decodes from the cache. TransformerLens derives rotary positions from the
+mask's cumulative sum, so a padded row sees the same positions as the prompt alone, and greedy batched
+output equals unbatched output. Hooks on the model (e.g. from :mod:`mechsafe.interventions`) stay
+active for the shared prefix, the rest of the prompt and every decoding step (each a forward pass of
+its own).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from mechsafe.chat import encode_prompts, pad_id, pad_right
 from mechsafe.errors import MechsafeError
 
 logger = logging.getLogger(__name__)
+
+_MIN_SHARED_PREFIX = 4
+"""Shortest common prompt prefix (tokens) that is run once per batch and reused from a key-value cache."""
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"]]:
@@ -49,7 +54,7 @@ def unembed(model: HookedTransformer, resid: Float[torch.Tensor, "n d_model"]) -
     with torch.autocast(resid.device.type, enabled=False):
         if model.cfg.normalization_type is not None:
             x = model.ln_final(x)
-        logits = model.unembed(x)[:, 0]
+        logits = model.unembed(x).squeeze(1)  # (a view: its backward copies nothing, unlike [:, 0])
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
@@ -87,6 +92,16 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def select_cache_rows(cache: TransformerLensKeyValueCache, rows: Int[torch.Tensor, " n"]) -> None:
+    """Make ``cache`` hold, for each of ``n`` new rows, the keys, values and attention mask of row ``rows[i]``
+    (in place; differentiable, so gradients flow back to the pass that filled the cache)."""
+    for entry in cache.entries:
+        entry.past_keys = entry.past_keys.index_select(0, rows.to(entry.past_keys.device))
+        entry.past_values = entry.past_values.index_select(0, rows.to(entry.past_values.device))
+    cache.previous_attention_mask = cache.previous_attention_mask.index_select(
+        0, rows.to(cache.previous_attention_mask.device))
+
+
 def _shared_prefix_last_logits(model: HookedTransformer, seqs: list[list[int]], prefix: int,
                                pad: int) -> Float[torch.Tensor, "batch d_vocab"]:
     """Last-position logits of sequences sharing ``prefix`` tokens: the prefix is run once (batch 1)
@@ -97,10 +112,7 @@ def _shared_prefix_last_logits(model: HookedTransformer, seqs: list[list[int]], 
     head = torch.tensor([seqs[0][:prefix]], dtype=torch.long, device=device)
     model(head, attention_mask=torch.ones_like(head, dtype=torch.int), past_kv_cache=cache,
           stop_at_layer=model.cfg.n_layers)
-    for entry in cache.entries:
-        entry.past_keys = entry.past_keys.expand(batch, *entry.past_keys.shape[1:]).contiguous()
-        entry.past_values = entry.past_values.expand(batch, *entry.past_values.shape[1:]).contiguous()
-    cache.previous_attention_mask = cache.previous_attention_mask.expand(batch, -1).contiguous()
+    select_cache_rows(cache, torch.zeros(batch, dtype=torch.long))
     tails, lengths = pad_right([s[prefix:] for s in seqs], pad)
     mask = (torch.arange(tails.shape[1])[None, :] < lengths[:, None]).to(torch.int)
     resid = model(tails.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
@@ -124,7 +136,7 @@ def prompt_last_logits(model: HookedTransformer, prompts: Sequence[str], batch_s
         for idx in length_batches([len(e) for e in enc], batch_size):
             seqs = [enc[i].ids for i in idx]
             prefix = common_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
-            if prefix >= 4:
+            if prefix >= _MIN_SHARED_PREFIX:
                 logits = _shared_prefix_last_logits(model, seqs, prefix, pad)
             else:
                 tokens, lengths = pad_right(seqs, pad)
@@ -141,11 +153,19 @@ def _pick(logits: Float[torch.Tensor, "batch d_vocab"], temperature: float, gen:
 
 
 def _generate_batch(model: HookedTransformer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
-                    eos: int | None, pad: int, gen: torch.Generator) -> list[list[int]]:
+                    eos: int | None, pad: int, gen: torch.Generator, share_prefix: bool) -> list[list[int]]:
     device = model.cfg.device
-    tokens, mask = pad_left(seqs, pad)
     batch = len(seqs)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+    prefix = common_prefix_length(seqs) if share_prefix and batch > 1 else 0
+    if prefix < _MIN_SHARED_PREFIX:
+        prefix = 0
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1 if prefix else batch)
+    if prefix:  # the tokens every prompt starts with run once; each row's rest follows them, left-padded
+        head = torch.tensor([seqs[0][:prefix]], dtype=torch.long, device=device)
+        model(head, attention_mask=torch.ones_like(head, dtype=torch.int), past_kv_cache=cache,
+              stop_at_layer=model.cfg.n_layers)
+        select_cache_rows(cache, torch.zeros(batch, dtype=torch.long))
+    tokens, mask = pad_left([s[prefix:] for s in seqs], pad)
     outs: list[list[int]] = [[] for _ in range(batch)]
     finished = torch.zeros(batch, dtype=torch.bool)
     resid = model(tokens.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
@@ -174,7 +194,7 @@ def _generate_batch(model: HookedTransformer, seqs: list[list[int]], max_new_tok
 
 def generate(model: HookedTransformer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
              temperature: float = 0.0, system: str | None = None, seed: int = 0, progress: bool = True,
-             chat: bool = True) -> list[str]:
+             chat: bool = True, share_prefix: bool = True) -> list[str]:
     """Generate a response to each prompt (chat-formatted), in the input order.
 
     Args:
@@ -187,6 +207,9 @@ def generate(model: HookedTransformer, prompts: list[str], max_new_tokens: int =
         seed: seed of the sampling generator (unused when greedy).
         progress: show a progress bar.
         chat: wrap prompts in the chat template (``False`` continues raw text).
+        share_prefix: run the tokens every prompt of a batch starts with (the chat template's system turn)
+            once and continue each row from their cached keys and values; the rest of each prompt is
+            left-padded after them. ``False`` runs every whole prompt in one left-padded pass.
 
     Returns:
         The decoded responses without the prompt and without special tokens.
@@ -206,7 +229,7 @@ def generate(model: HookedTransformer, prompts: list[str], max_new_tokens: int =
     with torch.inference_mode():
         for idx in tqdm(batches, desc="generating", unit="batch", disable=not progress):
             outs = _generate_batch(model, [enc[i].ids for i in idx], max_new_tokens, temperature, eos,
-                                   pad_id(tok), gen)
+                                   pad_id(tok), gen, share_prefix)
             for i, ids in zip(idx, outs):
                 results[i] = tok.decode(ids, skip_special_tokens=True)
     return results

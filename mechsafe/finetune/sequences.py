@@ -26,7 +26,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechsafe import chat
 from mechsafe.errors import MechsafeError
-from mechsafe.evaluation.generation import unembed
+from mechsafe.evaluation.generation import common_prefix_length, select_cache_rows, unembed
 
 IGNORE_INDEX = -100
 """Label of tokens that do not count in the loss (prompt and padding)."""
@@ -124,30 +124,35 @@ def shared_prompt_resid(model: HookedTransformer, seqs: Sequence[TeacherForced],
     distinct prompt run once.
 
     Rows that share a prompt (an example's response, its negative, its rejected response) differ only
-    after it. The distinct prompts run in one pass into a TransformerLens key-value cache (right-padded,
+    after it. The tokens every distinct prompt starts with (the chat template's system turn) run once, into
+    a TransformerLens key-value cache; the rest of the distinct prompts run in one pass from it (right-padded,
     with an attention mask, so no row attends to another's padding); every row's response then runs in a
-    second pass from its prompt's cached keys and values. Gradients flow through the cache into the
-    prompt pass, so losses and gradients are those of the single pass (up to floating-point summation
-    order), at the cost of one prompt pass instead of one per row. The residuals agree with
-    ``final_resid`` at every position before each row's end; positions after it are padding.
+    third pass from its prompt's cached keys and values. Gradients flow through the cache into the earlier
+    passes, so losses and gradients are those of the single pass (up to floating-point summation order), at
+    the cost of one prompt pass instead of one per row. The residuals agree with ``final_resid`` at every
+    position before each row's end; positions after it are padding.
     """
     tokens, mask = collate(seqs, pad_id)
     device = model.cfg.device
     heads: dict[tuple[int, ...], int] = {}
     head_of = torch.tensor([heads.setdefault(tuple(s.ids[:s.prompt_len]), len(heads)) for s in seqs])
-    head_tokens, head_len = chat.pad_right(list(heads), pad_id)
-    n_head_pos = head_tokens.shape[1]
-    head_mask = (torch.arange(n_head_pos)[None, :] < head_len[:, None]).to(torch.int)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(heads))
-    resid = model(head_tokens.to(device), attention_mask=head_mask.to(device), past_kv_cache=cache,
-                  stop_at_layer=model.cfg.n_layers).index_select(0, head_of.to(device))
+    n_common = common_prefix_length(list(heads)) if len(heads) > 1 else 0
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1 if n_common else len(heads))
+    parts = []
+    if n_common:  # the common prefix once, then every distinct prompt continues from it
+        common = torch.tensor([next(iter(heads))[:n_common]], device=device)
+        parts.append(model(common, attention_mask=torch.ones_like(common, dtype=torch.int), past_kv_cache=cache,
+                           stop_at_layer=model.cfg.n_layers).expand(len(heads), -1, -1))
+        select_cache_rows(cache, torch.zeros(len(heads), dtype=torch.long))
+    head_tokens, head_len = chat.pad_right([h[n_common:] for h in heads], pad_id)
+    head_mask = (torch.arange(head_tokens.shape[1])[None, :] < head_len[:, None]).to(torch.int)
+    parts.append(model(head_tokens.to(device), attention_mask=head_mask.to(device), past_kv_cache=cache,
+                       stop_at_layer=model.cfg.n_layers))
+    resid = torch.cat(parts, dim=1).index_select(0, head_of.to(device))
+    n_head_pos = resid.shape[1]
     prompt_len = torch.tensor([s.prompt_len for s in seqs])[:, None]
     if any(len(s) > s.prompt_len for s in seqs):
-        for entry in cache.entries:  # each row continues from its own prompt's keys and values
-            entry.past_keys = entry.past_keys.index_select(0, head_of.to(entry.past_keys.device))
-            entry.past_values = entry.past_values.index_select(0, head_of.to(entry.past_values.device))
-        cache.previous_attention_mask = cache.previous_attention_mask.index_select(
-            0, head_of.to(cache.previous_attention_mask.device))
+        select_cache_rows(cache, head_of)  # each row continues from its own prompt's keys and values
         tails, tail_len = chat.pad_right([s.ids[s.prompt_len:] for s in seqs], pad_id)
         tail_mask = (torch.arange(tails.shape[1])[None, :] < tail_len[:, None]).to(torch.int)
         resid = torch.cat([resid, model(tails.to(device), attention_mask=tail_mask.to(device), past_kv_cache=cache,

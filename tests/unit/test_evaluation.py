@@ -39,6 +39,24 @@ def test_batched_generation_equals_unbatched_and_uncached(tiny_model):
         assert ev.generate(tiny_model, PROMPTS, max_new_tokens=10, batch_size=bs, progress=False) == batched
     assert batched == [_naive_greedy(tiny_model, p, 10) for p in PROMPTS]
     assert all(isinstance(t, str) and t for t in batched)
+    assert ev.generate(tiny_model, PROMPTS, max_new_tokens=10, batch_size=8, progress=False, share_prefix=False) == batched
+
+
+def test_the_common_prompt_prefix_runs_once_per_batch(tiny_model):
+    enc = [e.ids for e in encode_prompts(tiny_model.tokenizer, PROMPTS)]
+    prefix = ev.generation.common_prefix_length(enc)
+    assert prefix >= 4  # the tiny chat template's system turn
+    shapes = {}
+    for share in (True, False):
+        seen = []
+        with iv.hooked(tiny_model, [("hook_embed", lambda x, hook: seen.append(tuple(x.shape[:2])))]):
+            ev.generate(tiny_model, PROMPTS, max_new_tokens=3, batch_size=8, progress=False, share_prefix=share)
+        shapes[share] = seen
+    longest = max(len(e) for e in enc)
+    assert shapes[True][:2] == [(1, prefix), (len(PROMPTS), longest - prefix)]  # prefix once, then the rest
+    assert shapes[False][0] == (len(PROMPTS), longest)
+    assert shapes[True][2:] == shapes[False][1:] == [(len(PROMPTS), 1)] * 2  # then one token per decoding step
+    assert _no_hooks(tiny_model)
 
 
 def test_generation_stops_at_eos_per_row(tiny_model):
