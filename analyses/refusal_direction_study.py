@@ -52,6 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", default="all", help="candidate layers (default: %(default)s)")
     p.add_argument("--layer-step", type=int, default=2, help="score every k-th layer (default: %(default)s)")
     p.add_argument("--direction", help="reuse a saved selection (a run's direction/ folder) instead of selecting again")
+    p.add_argument("--no-filter-train", action="store_true",
+                   help="means over every TRAIN prompt (default: only those the model treats as their class)")
+    p.add_argument("--no-filter-val", action="store_true",
+                   help="select on every one of the first --n-val VALIDATION prompts (default: filtered like TRAIN)")
     p.add_argument("--keep-sink", action="store_true",
                    help="use the raw difference in means (do not project off the first position's residual writes)")
     p.add_argument("--no-utility", action="store_true", help="skip arithmetic accuracy and answer NLL")
@@ -102,7 +106,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if rd is None:
         cfg = SelectionConfig(positions=args.positions, layers=args.layers, layer_step=args.layer_step,
-                              n_val=args.n_val, batch_size=args.batch_size, orthogonal_to_sink=not args.keep_sink)
+                              n_val=args.n_val, batch_size=args.batch_size, orthogonal_to_sink=not args.keep_sink,
+                              filter_train=not args.no_filter_train, filter_val=not args.no_filter_val)
         rd = select_refusal_direction(model, harmful_set, harmless_set, config=cfg, progress=False)
     timings["select"] = time.perf_counter() - t0
     chosen = next(s for s in rd.scores if s["layer"] == rd.layer and s["position"] == rd.position)

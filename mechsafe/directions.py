@@ -21,6 +21,10 @@ far above 0.1 (up to 9). With ``orthogonal_to_sink`` (default) each candidate is
 what every layer writes at the first position (:func:`sink_basis`; that position carries no prompt
 information), so ablation and weight orthogonalization leave the sink exactly as it was.
 
+**Prompts.** As in the reference pipeline (``filter_train``, ``filter_val``), the means use only the TRAIN prompts
+the model treats as their class (harmful ones it refuses: refusal score > 0; harmless ones it does not: score
+< 0), and the selection only such prompts among the first ``n_val`` VALIDATION prompts of each class.
+
 Candidates with KL > 0.1, steering score < 0 or a layer in the last 20% of layers are discarded; the
 one with the lowest ablation score is chosen. To fit a CPU budget, every ablation score is computed
 first and KL / steering are then computed lazily in ascending ablation order until a candidate passes
@@ -85,6 +89,11 @@ class SelectionConfig:
     """Words whose first tokens define the refusal score."""
     orthogonal_to_sink: bool = True
     """Project candidates off the first position's residual writes (the attention sink; see the module docstring)."""
+    filter_train: bool = True
+    """Compute the means only on the TRAIN prompts the model treats as their class: harmful ones whose refusal
+    score is above 0 and harmless ones whose score is below 0 (the reference pipeline's ``filter_train``)."""
+    filter_val: bool = True
+    """Likewise keep only such prompts among the first ``n_val`` VALIDATION prompts of each class (its ``filter_val``)."""
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions < 1:
@@ -227,6 +236,18 @@ def sink_basis(model: HookedTransformer, prompt: str, system: str | None = None)
     return vh[sv > sv[0] * 1e-7].T.float()
 
 
+def _filtered(prompts: list[str], scores: np.ndarray, kind: str, split: str) -> list[str]:
+    """The prompts the model treats as their class: refusal score above 0 (harmful) or below 0 (harmless)."""
+    keep = scores > 0 if kind == "harmful" else scores < 0
+    kept = [p for p, k in zip(prompts, keep.tolist()) if k]
+    if not kept:
+        what = "refuses none" if kind == "harmful" else "refuses every one"
+        raise MechsafeError(f"the model {what} of the {len(prompts)} {kind} {split.upper()} prompts (refusal score "
+                            f"{'> 0' if kind == 'harmful' else '< 0'} for none), so filtering leaves none; "
+                            f"pass filter_{split}=False (CLI: --no-filter-{split})")
+    return kept
+
+
 def _last_position_kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
     q = torch.log_softmax(logits.double(), dim=-1)
     return float((base_logp.exp() * (base_logp - q)).sum(-1).mean())
@@ -261,6 +282,17 @@ def select_refusal_direction(model: HookedTransformer, harmful: Any, harmless: A
     cutoff = int(n_layers * (1.0 - cfg.prune_layer_fraction))
     token_ids = refusal_token_ids(model.tokenizer, cfg.refusal_words)
 
+    def logits(prompts: list[str]) -> torch.Tensor:
+        return prompt_last_logits(model, prompts, batch_size=cfg.batch_size, system=cfg.system)
+
+    given = {"harmful": len(harmful), "harmless": len(harmless), "harmful_val": len(hv), "harmless_val": len(lv)}
+    if cfg.filter_train:
+        harmful, harmless = (_filtered(p, score_from_logits(logits(p), token_ids), kind, "train")
+                             for p, kind in ((harmful, "harmful"), (harmless, "harmless")))
+    if cfg.filter_val:
+        hv, lv = (_filtered(p, score_from_logits(logits(p), token_ids), kind, "val")
+                  for p, kind in ((hv, "harmful"), (lv, "harmless")))
+
     t0 = time.perf_counter()
     cands = candidate_directions(model, harmful, harmless, n_pos, layers, cfg.batch_size, cfg.system)
     sink: dict[str, Any] = {}
@@ -272,9 +304,6 @@ def select_refusal_direction(model: HookedTransformer, harmful: Any, harmless: A
         sink = {"rank": int(basis.shape[1]), "removed_norm_share_max": float(share.max()),
                 "removed_norm_share_median": float(share.median())}
     t_means = time.perf_counter() - t0
-
-    def logits(prompts: list[str]) -> torch.Tensor:
-        return prompt_last_logits(model, prompts, batch_size=cfg.batch_size, system=cfg.system)
 
     base_h = logits(hv)
     base_l = logits(lv)
@@ -346,7 +375,7 @@ def select_refusal_direction(model: HookedTransformer, harmful: Any, harmless: A
     meta = {"model": info.spec, "processing": info.processing, "config": dataclasses.asdict(cfg),
             "layers_scored": layers, "layer_cutoff": cutoff, "n_post_instruction": n_post, "refusal_token_ids": token_ids,
             "sink_projection": sink,
-            "n_train": {"harmful": len(harmful), "harmless": len(harmless)},
+            "n_given": given, "n_train": {"harmful": len(harmful), "harmless": len(harmless)},
             "n_val": {"harmful": len(hv), "harmless": len(lv)}, "outcome": outcome,
             "timings_s": {"means": t_means, "ablation_scores": t_ablation, "filters": t_filters,
                           "total": time.perf_counter() - t_start}}

@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates above this KL (default: %(default)s)")
     p.add_argument("--score-all", action="store_true", help="compute KL and steering scores for every candidate")
     p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--no-filter-train", action="store_true",
+                   help="use every TRAIN prompt for the means (default: only harmful ones the model refuses and harmless "
+                        "ones it answers, by refusal score, as the reference pipeline)")
+    p.add_argument("--no-filter-val", action="store_true",
+                   help="use every one of the first --n-val VALIDATION prompts (default: filtered like TRAIN)")
     p.add_argument("--keep-sink", action="store_true",
                    help="do not project candidates off the first-position residual (the paper's raw difference in means)")
     add_runs_arg(p)
@@ -35,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = SelectionConfig(positions=args.positions, layers=args.layers, layer_step=args.layer_step, n_val=args.n_val,
                           batch_size=args.batch_size, kl_threshold=args.kl_threshold, score_all=args.score_all,
-                          system=args.system, orthogonal_to_sink=not args.keep_sink)
+                          system=args.system, orthogonal_to_sink=not args.keep_sink,
+                          filter_train=not args.no_filter_train, filter_val=not args.no_filter_val)
     harmful, harmless = ms.data.load(args.harmful), ms.data.load(args.harmless)
     t0 = time.perf_counter()
     model = ms.load_model(args.model, processing=args.processing, device=args.device)

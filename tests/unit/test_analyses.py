@@ -28,7 +28,8 @@ def test_refusal_direction_study_on_a_tiny_model(tmp_path, monkeypatch):
     save_tiny_hf_llama(other_dir, n_layers=5)
     study = _script("refusal_direction_study")
     runs = tmp_path / "runs"
-    common = ["--base", str(model_dir), "--limit", "4", "--max-new-tokens", "3", "--no-utility", "--batch-size", "4"]
+    common = ["--base", str(model_dir), "--limit", "4", "--max-new-tokens", "3", "--no-utility", "--batch-size", "4",
+              "--no-filter-train", "--no-filter-val"]  # (a random model refuses nothing: filtering would leave nothing)
     assert study.main(["--model", str(model_dir), "--n-val", "4", "--layer-step", "1", "--runs-dir", str(runs),
                        *common]) == 0
     (run_dir,) = list(runs.iterdir())
