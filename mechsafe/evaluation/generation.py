@@ -102,17 +102,26 @@ def select_cache_rows(cache: TransformerLensKeyValueCache, rows: Int[torch.Tenso
         0, rows.to(cache.previous_attention_mask.device))
 
 
+def prefix_cache(model: HookedTransformer, prefix: Sequence[int], rows: int
+                 ) -> tuple[TransformerLensKeyValueCache, Float[torch.Tensor, "1 prefix d_model"]]:
+    """Run the tokens ``prefix`` once (batch 1) into a new key-value cache and give each of ``rows`` rows a copy of
+    their keys and values; returns the cache and the prefix's final residuals (hooks apply to this pass)."""
+    device = model.cfg.device
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
+    head = torch.tensor([list(prefix)], dtype=torch.long, device=device)
+    resid = model(head, attention_mask=torch.ones_like(head, dtype=torch.int), past_kv_cache=cache,
+                  stop_at_layer=model.cfg.n_layers)
+    select_cache_rows(cache, torch.zeros(rows, dtype=torch.long))
+    return cache, resid
+
+
 def _shared_prefix_last_logits(model: HookedTransformer, seqs: list[list[int]], prefix: int,
                                pad: int) -> Float[torch.Tensor, "batch d_vocab"]:
     """Last-position logits of sequences sharing ``prefix`` tokens: the prefix is run once (batch 1)
     into a key-value cache that every row then continues from (right-padded, with a mask)."""
     device = model.cfg.device
     batch = len(seqs)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
-    head = torch.tensor([seqs[0][:prefix]], dtype=torch.long, device=device)
-    model(head, attention_mask=torch.ones_like(head, dtype=torch.int), past_kv_cache=cache,
-          stop_at_layer=model.cfg.n_layers)
-    select_cache_rows(cache, torch.zeros(batch, dtype=torch.long))
+    cache, _ = prefix_cache(model, seqs[0][:prefix], batch)
     tails, lengths = pad_right([s[prefix:] for s in seqs], pad)
     mask = (torch.arange(tails.shape[1])[None, :] < lengths[:, None]).to(torch.int)
     resid = model(tails.to(device), attention_mask=mask.to(device), past_kv_cache=cache,
@@ -159,12 +168,10 @@ def _generate_batch(model: HookedTransformer, seqs: list[list[int]], max_new_tok
     prefix = common_prefix_length(seqs) if share_prefix and batch > 1 else 0
     if prefix < _MIN_SHARED_PREFIX:
         prefix = 0
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1 if prefix else batch)
     if prefix:  # the tokens every prompt starts with run once; each row's rest follows them, left-padded
-        head = torch.tensor([seqs[0][:prefix]], dtype=torch.long, device=device)
-        model(head, attention_mask=torch.ones_like(head, dtype=torch.int), past_kv_cache=cache,
-              stop_at_layer=model.cfg.n_layers)
-        select_cache_rows(cache, torch.zeros(batch, dtype=torch.long))
+        cache, _ = prefix_cache(model, seqs[0][:prefix], batch)
+    else:
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
     tokens, mask = pad_left([s[prefix:] for s in seqs], pad)
     outs: list[list[int]] = [[] for _ in range(batch)]
     finished = torch.zeros(batch, dtype=torch.bool)

@@ -26,7 +26,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechsafe import chat
 from mechsafe.errors import MechsafeError
-from mechsafe.evaluation.generation import common_prefix_length, select_cache_rows, unembed
+from mechsafe.evaluation.generation import common_prefix_length, prefix_cache, select_cache_rows, unembed
 
 IGNORE_INDEX = -100
 """Label of tokens that do not count in the loss (prompt and padding)."""
@@ -137,13 +137,12 @@ def shared_prompt_resid(model: HookedTransformer, seqs: Sequence[TeacherForced],
     heads: dict[tuple[int, ...], int] = {}
     head_of = torch.tensor([heads.setdefault(tuple(s.ids[:s.prompt_len]), len(heads)) for s in seqs])
     n_common = common_prefix_length(list(heads)) if len(heads) > 1 else 0
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1 if n_common else len(heads))
     parts = []
     if n_common:  # the common prefix once, then every distinct prompt continues from it
-        common = torch.tensor([next(iter(heads))[:n_common]], device=device)
-        parts.append(model(common, attention_mask=torch.ones_like(common, dtype=torch.int), past_kv_cache=cache,
-                           stop_at_layer=model.cfg.n_layers).expand(len(heads), -1, -1))
-        select_cache_rows(cache, torch.zeros(len(heads), dtype=torch.long))
+        cache, common = prefix_cache(model, next(iter(heads))[:n_common], len(heads))
+        parts.append(common.expand(len(heads), -1, -1))
+    else:
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(heads))
     head_tokens, head_len = chat.pad_right([h[n_common:] for h in heads], pad_id)
     head_mask = (torch.arange(head_tokens.shape[1])[None, :] < head_len[:, None]).to(torch.int)
     parts.append(model(head_tokens.to(device), attention_mask=head_mask.to(device), past_kv_cache=cache,
