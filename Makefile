@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_generation.py
 	$(BIN)/python benchmarks/bench_finetune_precision.py
 	$(BIN)/python benchmarks/bench_shared_prompts.py
+	$(BIN)/python benchmarks/bench_lora_branch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
