@@ -236,16 +236,18 @@ def sink_basis(model: HookedTransformer, prompt: str, system: str | None = None)
     return vh[sv > sv[0] * 1e-7].T.float()
 
 
-def _filtered(prompts: list[str], scores: np.ndarray, kind: str, split: str) -> list[str]:
-    """The prompts the model treats as their class: refusal score above 0 (harmful) or below 0 (harmless)."""
+def _class_rows(logits: torch.Tensor, token_ids: list[int], kind: str, split: str) -> list[int]:
+    """Rows (of last-position ``logits``) of the prompts the model treats as their class: refusal score above 0
+    (harmful) or below 0 (harmless)."""
+    scores = score_from_logits(logits, token_ids)
     keep = scores > 0 if kind == "harmful" else scores < 0
-    kept = [p for p, k in zip(prompts, keep.tolist()) if k]
-    if not kept:
+    rows = np.flatnonzero(keep).tolist()
+    if not rows:
         what = "refuses none" if kind == "harmful" else "refuses every one"
-        raise MechsafeError(f"the model {what} of the {len(prompts)} {kind} {split.upper()} prompts (refusal score "
+        raise MechsafeError(f"the model {what} of the {len(scores)} {kind} {split.upper()} prompts (refusal score "
                             f"{'> 0' if kind == 'harmful' else '< 0'} for none), so filtering leaves none; "
                             f"pass filter_{split}=False (CLI: --no-filter-{split})")
-    return kept
+    return rows
 
 
 def _last_position_kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:
@@ -287,11 +289,14 @@ def select_refusal_direction(model: HookedTransformer, harmful: Any, harmless: A
 
     given = {"harmful": len(harmful), "harmless": len(harmless), "harmful_val": len(hv), "harmless_val": len(lv)}
     if cfg.filter_train:
-        harmful, harmless = (_filtered(p, score_from_logits(logits(p), token_ids), kind, "train")
+        harmful, harmless = ([p[i] for i in _class_rows(logits(p), token_ids, kind, "train")]
                              for p, kind in ((harmful, "harmful"), (harmless, "harmless")))
-    if cfg.filter_val:
-        hv, lv = (_filtered(p, score_from_logits(logits(p), token_ids), kind, "val")
-                  for p, kind in ((hv, "harmful"), (lv, "harmless")))
+    base_h, base_l = logits(hv), logits(lv)  # also the baseline of the selection below
+    if cfg.filter_val:  # keep the rows of the prompts kept, so each prompt runs once
+        rows_h = _class_rows(base_h, token_ids, "harmful", "val")
+        rows_l = _class_rows(base_l, token_ids, "harmless", "val")
+        hv, lv = [hv[i] for i in rows_h], [lv[i] for i in rows_l]
+        base_h, base_l = base_h[rows_h], base_l[rows_l]
 
     t0 = time.perf_counter()
     cands = candidate_directions(model, harmful, harmless, n_pos, layers, cfg.batch_size, cfg.system)
@@ -305,8 +310,6 @@ def select_refusal_direction(model: HookedTransformer, harmful: Any, harmless: A
                 "removed_norm_share_median": float(share.median())}
     t_means = time.perf_counter() - t0
 
-    base_h = logits(hv)
-    base_l = logits(lv)
     base_l_logp = torch.log_softmax(base_l.double(), dim=-1)
     baseline = {"harmful": float(score_from_logits(base_h, token_ids).mean()),
                 "harmless": float(score_from_logits(base_l, token_ids).mean())}
