@@ -307,6 +307,7 @@ def peft_config(model: HookedTransformer, config: FinetuneConfig):
     if attn:
         kinds.append("attn")
         custom[AbstractAttention] = functools.partial(cls, weights=tuple(attn))
+        _check_supported(model.blocks[layers[0]].attn, tuple(attn))  # before PEFT wraps any module
     if mlp:
         kinds.append("mlp")
         custom[MLP] = custom[GatedMLP] = functools.partial(cls, weights=tuple(mlp))

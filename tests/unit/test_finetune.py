@@ -345,7 +345,12 @@ def test_lora_dropout_drops_only_the_branch_input_while_training(tiny_model):
 
 
 def test_unsupported_attention_settings_fail_with_one_line_errors(tiny_model):
-    attach_lora(tiny_model, FinetuneConfig(targets=("attn.W_O",)))
+    tiny_model.cfg.use_attn_result = True  # at attach time: an error and no adapter anywhere
+    with pytest.raises(MechsafeError, match="use_attn_result=False"):
+        attach_lora(tiny_model, FinetuneConfig(targets=("mlp.W_in", "attn.W_O")))
+    assert not has_lora(tiny_model)
+    tiny_model.cfg.use_attn_result = False
+    attach_lora(tiny_model, FinetuneConfig(targets=("attn.W_O",)))  # switched on later: an error at the forward pass
     tiny_model.cfg.use_attn_result = True
     with pytest.raises(MechsafeError, match="use_attn_result=False"):
         tiny_model(TOKENS)
