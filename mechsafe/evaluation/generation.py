@@ -92,6 +92,12 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def _shared_prefix_length(seqs: Sequence[Sequence[int]], share: bool) -> int:
+    """Leading tokens a batch shares that are worth one pass of their own (0: none, or ``share`` is off)."""
+    n = common_prefix_length(seqs) if share and len(seqs) > 1 else 0
+    return n if n >= _MIN_SHARED_PREFIX else 0
+
+
 def select_cache_rows(cache: TransformerLensKeyValueCache, rows: Int[torch.Tensor, " n"]) -> None:
     """Make ``cache`` hold, for each of ``n`` new rows, the keys, values and attention mask of row ``rows[i]``
     (in place; differentiable, so gradients flow back to the pass that filled the cache)."""
@@ -144,8 +150,8 @@ def prompt_last_logits(model: HookedTransformer, prompts: Sequence[str], batch_s
     with torch.inference_mode():
         for idx in length_batches([len(e) for e in enc], batch_size):
             seqs = [enc[i].ids for i in idx]
-            prefix = common_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
-            if prefix >= _MIN_SHARED_PREFIX:
+            prefix = _shared_prefix_length(seqs, share_prefix)
+            if prefix:
                 logits = _shared_prefix_last_logits(model, seqs, prefix, pad)
             else:
                 tokens, lengths = pad_right(seqs, pad)
@@ -165,9 +171,7 @@ def _generate_batch(model: HookedTransformer, seqs: list[list[int]], max_new_tok
                     eos: int | None, pad: int, gen: torch.Generator, share_prefix: bool) -> list[list[int]]:
     device = model.cfg.device
     batch = len(seqs)
-    prefix = common_prefix_length(seqs) if share_prefix and batch > 1 else 0
-    if prefix < _MIN_SHARED_PREFIX:
-        prefix = 0
+    prefix = _shared_prefix_length(seqs, share_prefix)
     if prefix:  # the tokens every prompt starts with run once; each row's rest follows them, left-padded
         cache, _ = prefix_cache(model, seqs[0][:prefix], batch)
     else:
