@@ -98,9 +98,10 @@ def _load_data(cfg: ProbeBenchConfig) -> BenchSplit:
 
 
 def _sae_probe_candidates():
-    """``mechsafe.sae.probe_candidates``, or a clear error when the SAE side is not available."""
+    """``mechsafe.probes.sae_probes.probe_candidates`` (imported on use: it loads SAE-Lens), or a clear error when
+    the SAE side is not available."""
     try:
-        from mechsafe.sae import probe_candidates
+        from mechsafe.probes.sae_probes import probe_candidates
     except ImportError as exc:
         raise MechsafeError(f"SAE probes need mechsafe.sae ({exc}); install a mechsafe with SAE support "
                             "or drop the sae field") from None
@@ -114,7 +115,7 @@ def _sae_candidates(cfg: ProbeBenchConfig, model, prompts) -> list[Candidate]:
                                   seed=cfg.seed, activation_root=root))
     for c in cands:
         if not isinstance(c, Candidate):
-            raise MechsafeError(f"mechsafe.sae.probe_candidates returned a {type(c).__name__}, not a Candidate")
+            raise MechsafeError(f"probe_candidates returned a {type(c).__name__}, not a Candidate")
     return cands
 
 

@@ -17,7 +17,7 @@ Modules: ``config`` (recipes), ``texts`` (training text, held-out prompts), ``tr
 
 from mechsafe.sae.config import ARCHITECTURES, SAETrainConfig, load_recipe, make_config
 from mechsafe.sae.evaluate import SAEMetrics, evaluate_sae, splice_sae, zero_ablate
-from mechsafe.sae.features import PROBE_METHODS, TopKMeanDiff, probe_candidates, sae_features
+from mechsafe.sae.features import sae_features
 from mechsafe.sae.inspect import FeatureReport, inspect_features, logit_effect
 from mechsafe.sae.load import LoadedSAE, load_sae, save_sae
 from mechsafe.sae.train import TrainResult, train_sae
@@ -26,10 +26,8 @@ __all__ = [
     "ARCHITECTURES",
     "FeatureReport",
     "LoadedSAE",
-    "PROBE_METHODS",
     "SAEMetrics",
     "SAETrainConfig",
-    "TopKMeanDiff",
     "TrainResult",
     "evaluate_sae",
     "inspect_features",
@@ -37,7 +35,6 @@ __all__ = [
     "load_sae",
     "logit_effect",
     "make_config",
-    "probe_candidates",
     "sae_features",
     "save_sae",
     "splice_sae",

@@ -201,3 +201,28 @@ def load_recipe(path: str | os.PathLike, **overrides: Any) -> SAETrainConfig:
     if not isinstance(values, dict):
         raise MechsafeError(f"SAE recipe {path} must be a mapping of config fields")
     return make_config(values, **overrides)
+
+
+def training_sae_config(config: SAETrainConfig, d_in: int, hook_name: str, model_name: str = ""):
+    """The SAE-Lens ``TrainingSAEConfig`` of ``config`` for a hook of dimension ``d_in``."""
+    from sae_lens.registry import get_sae_training_class
+
+    _, cfg_cls = get_sae_training_class(config.architecture)
+    kwargs: dict[str, Any] = dict(d_in=d_in, d_sae=config.expansion_factor * d_in, dtype="float32",
+                                  device=config.device, normalize_activations=config.normalize_activations)
+    if config.architecture == "standard":
+        kwargs.update(l1_coefficient=config.l1_coefficient, l1_warm_up_steps=config.sparsity_warm_up_steps)
+    elif config.architecture == "topk":
+        kwargs.update(k=int(config.k))
+    elif config.architecture == "batchtopk":
+        kwargs.update(k=float(config.k))
+    elif config.architecture == "jumprelu":
+        kwargs.update(l0_coefficient=config.l0_coefficient, l0_warm_up_steps=config.sparsity_warm_up_steps,
+                      jumprelu_init_threshold=config.jumprelu_init_threshold,
+                      jumprelu_bandwidth=config.jumprelu_bandwidth)
+    if config.k > kwargs["d_sae"] and config.architecture in ("topk", "batchtopk"):
+        raise MechsafeError(f"k={config.k} exceeds the SAE width {kwargs['d_sae']}; lower k or raise expansion_factor")
+    sae_cfg = cfg_cls(**kwargs)
+    sae_cfg.metadata.hook_name = hook_name
+    sae_cfg.metadata.model_name = model_name
+    return sae_cfg

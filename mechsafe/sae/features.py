@@ -1,4 +1,4 @@
-"""SAE features of prompts and the SAE-feature probes that ``probe-bench`` compares with dense probes.
+"""SAE features of prompts: per-token latents pooled per prompt.
 
 Features are computed per token, then pooled (never encoded from a pooled vector): the hook's
 per-token activations come from the activation store (a forward pass that stops after the hook's
@@ -8,25 +8,17 @@ layer), each token is encoded by the SAE, and the latents are pooled per prompt:
 * ``mean`` — mean latents over the user's content tokens;
 * ``binsum`` — number of content tokens on which each latent fires (binarized, summed).
 
-Probe methods (each a :class:`mechsafe.probes.Candidate`, scored by the bench like dense probes):
-
-* ``sae_all`` — all latents -> StandardScaler -> logistic regression, C by CV on the training rows;
-* ``sae_k{k}`` — k-sparse probe: :class:`TopKMeanDiff` keeps the k latents with the largest absolute
-  class-mean difference *on the training rows the pipeline is fit on*, then the same logistic regression
-  (Kantamneni et al., ICML 2025; the GDM 2025 negative results on harmful-intent probing);
-* ``sae_binsum`` — binarized latents summed over the content tokens, then the same logistic regression
-  (Gallifant et al., EMNLP 2025).
+The SAE-feature probes built on them live in :mod:`mechsafe.probes.sae_probes`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin
 from transformer_lens import HookedTransformer
 
 from mechsafe import chat
@@ -35,59 +27,11 @@ from mechsafe.data import PromptSet
 from mechsafe.errors import MechsafeError
 from mechsafe.hooks import check_hook, kind_of, layer_of
 from mechsafe.models import model_info
-from mechsafe.sae.load import LoadedSAE, as_loaded, load_sae
+from mechsafe.sae.load import LoadedSAE, as_loaded
 
 logger = logging.getLogger(__name__)
 
 FEATURE_POOLINGS = ("last", "mean", "binsum")
-PROBE_METHODS = ("sae_all", "sae_k{k}", "sae_binsum")
-"""Method names :func:`probe_candidates` returns (``{k}`` is each requested k)."""
-
-
-class TopKMeanDiff(BaseEstimator, TransformerMixin):
-    """Keep the ``k`` features whose class means differ most (absolute difference), chosen at ``fit``.
-
-    Binary labels: |mean(X | y=1) − mean(X | y=0)|. More classes: the largest one-vs-rest difference
-    |mean(X | y=c) − mean(X | y≠c)| over classes c. Inside a pipeline the choice sees only the rows the
-    pipeline is fit on (the training split), never validation or test rows.
-    """
-
-    def __init__(self, k: int = 16):
-        self.k = k
-
-    def fit(self, X, y):
-        X = np.asarray(X, dtype=np.float64)
-        y = np.asarray(y)
-        if X.ndim != 2 or X.shape[0] != y.shape[0]:
-            raise MechsafeError(f"TopKMeanDiff needs X [n, features] and y [n] (got {X.shape} and {y.shape})")
-        if int(self.k) < 1:
-            raise MechsafeError(f"TopKMeanDiff needs k >= 1 (got {self.k})")
-        classes = np.unique(y)
-        if len(classes) < 2:
-            raise MechsafeError("TopKMeanDiff needs at least two classes in the training rows")
-        if len(classes) == 2:
-            score = np.abs(X[y == classes[1]].mean(0) - X[y == classes[0]].mean(0))
-        else:
-            score = np.max([np.abs(X[y == c].mean(0) - X[y != c].mean(0)) for c in classes], axis=0)
-        k = min(int(self.k), X.shape[1])
-        order = np.lexsort((np.arange(X.shape[1]), -score))  # largest score first, ties by index
-        self.scores_ = score
-        self.selected_ = np.sort(order[:k])
-        self.n_features_in_ = X.shape[1]
-        return self
-
-    def transform(self, X):
-        X = np.asarray(X)
-        if X.shape[1] != self.n_features_in_:
-            raise MechsafeError(f"TopKMeanDiff was fit on {self.n_features_in_} features, got {X.shape[1]}")
-        return X[:, self.selected_]
-
-    def get_support(self, indices: bool = False):
-        if indices:
-            return self.selected_.copy()
-        mask = np.zeros(self.n_features_in_, dtype=bool)
-        mask[self.selected_] = True
-        return mask
 
 
 @torch.no_grad()
@@ -142,70 +86,4 @@ def sae_features(model: HookedTransformer, sae, prompts: PromptSet | Sequence[st
         out["mean"] = (total / (stops - starts).clamp_min(1)[:, None].double()).numpy().astype(np.float32)
     if "binsum" in poolings:
         out["binsum"] = fired.numpy().astype(np.float32)
-    return out
-
-
-def _estimators(n_classes: int, cs: Sequence[float] | None, cv_folds: int | None, max_iter: int | None) -> Callable[[int], Any]:
-    """The dense probe's estimator (standardize + logistic regression, C by CV), shared for a fair comparison."""
-    from mechsafe.probes.config import ProbeBenchConfig
-    from mechsafe.probes.methods import dense_estimator
-
-    defaults = ProbeBenchConfig()
-    return dense_estimator(list(cs or defaults.cs), int(cv_folds or defaults.cv_folds), int(max_iter or defaults.max_iter), n_classes)
-
-
-def _k_sparse(make: Callable[[int], Any], k: int) -> Callable[[int], Any]:
-    def build(seed: int):
-        from sklearn.pipeline import Pipeline
-
-        return Pipeline([("select", TopKMeanDiff(k))] + list(make(seed).steps))
-
-    return build
-
-
-def probe_candidates(model: HookedTransformer, prompts: PromptSet, sae_path: str | os.PathLike | None = None, *,
-                     sae: Any = None, poolings: Sequence[str] = ("last", "mean"), ks: Sequence[int] = (1, 16, 64),
-                     seed: int = 0, activation_root: str | os.PathLike | None = None, binsum: bool = True,
-                     cs: Sequence[float] | None = None, cv_folds: int | None = None, max_iter: int | None = None,
-                     chat_template: bool = True, system: str | None = None, max_length: int = 512,
-                     progress: bool = False) -> list:
-    """SAE-feature probe candidates for ``probe-bench`` (methods in the module docstring).
-
-    Args:
-        model: the model the SAE reads.
-        prompts: labelled prompts; features are rows in its order.
-        sae_path: a saved SAE (anything :func:`mechsafe.sae.load_sae` reads); or pass ``sae=``.
-        poolings: poolings for ``sae_all`` and ``sae_k{k}`` (``last`` and/or ``mean``).
-        ks: feature counts of the k-sparse probes.
-        seed: recorded for reproducibility (the bench seeds each estimator itself).
-        activation_root: activation-store root (reused across runs).
-        binsum: add the ``sae_binsum`` candidate.
-        cs, cv_folds, max_iter: logistic-regression grid; default to probe-bench's defaults.
-    """
-    from mechsafe.probes import Candidate
-
-    if sae is None:
-        if sae_path is None:
-            raise MechsafeError("probe_candidates needs sae_path or sae; train one with `mechsafe sae train`")
-        sae = load_sae(sae_path)
-    loaded = as_loaded(sae)
-    bad = [p for p in poolings if p not in ("last", "mean")]
-    if bad:
-        raise MechsafeError(f"SAE probe pooling {bad} is not supported; use last and/or mean")
-    if not ks or min(int(k) for k in ks) < 1:
-        raise MechsafeError(f"ks must be positive integers (got {list(ks)})")
-    n_classes = len(prompts.label_names) if isinstance(prompts, PromptSet) else 2
-    wanted = list(dict.fromkeys(list(poolings) + (["binsum"] if binsum else [])))
-    feats = sae_features(model, loaded, prompts, poolings=wanted, activation_root=activation_root,
-                         chat_template=chat_template, system=system, max_length=max_length, progress=progress)
-    make = _estimators(n_classes, cs, cv_folds, max_iter)
-    layer = layer_of(loaded.hook_name)
-    out = []
-    for pooling in poolings:
-        out.append(Candidate("sae_all", layer, feats[pooling], make, pooling))
-        for k in dict.fromkeys(int(k) for k in ks):
-            out.append(Candidate(f"sae_k{k}", layer, feats[pooling], _k_sparse(make, k), pooling))
-    if binsum:
-        out.append(Candidate("sae_binsum", layer, feats["binsum"], make, "binsum"))
-    logger.info("SAE probe candidates at %s (seed %d): %s", loaded.hook_name, seed, [c.key for c in out])
     return out

@@ -25,6 +25,7 @@ from mechsafe.data import PromptSet
 from mechsafe.errors import MechsafeError
 from mechsafe.hooks import check_hook, kind_of, layer_of
 from mechsafe.sae.load import LoadedSAE, as_loaded
+from mechsafe.weights import weight
 
 
 @dataclasses.dataclass
@@ -66,10 +67,10 @@ def decoder_in_residual(model: HookedTransformer, sae: LoadedSAE) -> Float[torch
     if kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
         return W_dec
     if kind == "mlp_post":
-        return W_dec @ model.blocks[layer].mlp.W_out.detach().float().cpu()
+        return W_dec @ weight(model, "mlp.W_out", layer).parameter.detach().float().cpu()
     if kind == "attn_z":
-        W_O = model.blocks[layer].attn.W_O.detach().float().cpu()  # [n_heads, d_head, d_model]
-        return W_dec @ W_O.reshape(-1, W_O.shape[-1])
+        handle = weight(model, "attn.W_O", layer)  # [n_heads, d_head, d_model] as [n_heads * d_head, d_model]
+        return W_dec @ handle.as_matrix(handle.parameter.detach().float().cpu())
     raise MechsafeError(f"the logit effect of a {kind} latent is not defined; use a residual, attn_out, mlp_out, "
                         "mlp_post or attn_z SAE")
 

@@ -16,7 +16,7 @@ from transformer_lens import HookedTransformer
 
 from mechsafe.errors import MechsafeError
 from mechsafe.models import model_info
-from mechsafe.sae.config import SAETrainConfig
+from mechsafe.sae.config import SAETrainConfig, training_sae_config
 from mechsafe.sae.texts import training_texts
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ def hook_dim(model: HookedTransformer, hook_name: str) -> int:
 def runner_config(model: HookedTransformer, config: SAETrainConfig, hook_name: str):
     """SAE-Lens ``LanguageModelSAERunnerConfig`` for ``config`` (no wandb, no checkpoints, nothing written)."""
     from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig
-
-    from mechsafe.sae.train import training_sae_config
 
     if hook_name.endswith("hook_z"):
         raise MechsafeError("the runner route does not handle attention hook_z; use route: cache")

@@ -35,9 +35,10 @@ from mechsafe.hooks import hook_name as build_hook_name
 from mechsafe.hooks import layer_of
 from mechsafe.models import model_info
 from mechsafe.runs import versions
-from mechsafe.sae.config import SAETrainConfig
+from mechsafe.sae.config import SAETrainConfig, training_sae_config
 from mechsafe.sae.evaluate import SAEMetrics, evaluate_sae
 from mechsafe.sae.load import LoadedSAE, load_sae, save_sae
+from mechsafe.sae.runner import run_runner
 from mechsafe.sae.texts import eval_prompts, training_texts
 
 logger = logging.getLogger(__name__)
@@ -82,31 +83,6 @@ class ShuffledBatches:
         idx = self._order[self._pos:self._pos + self.batch_size]
         self._pos += self.batch_size
         return self.pool[idx]
-
-
-def training_sae_config(config: SAETrainConfig, d_in: int, hook_name: str, model_name: str = ""):
-    """The SAE-Lens ``TrainingSAEConfig`` of ``config`` for a hook of dimension ``d_in``."""
-    from sae_lens.registry import get_sae_training_class
-
-    _, cfg_cls = get_sae_training_class(config.architecture)
-    kwargs: dict[str, Any] = dict(d_in=d_in, d_sae=config.expansion_factor * d_in, dtype="float32",
-                                  device=config.device, normalize_activations=config.normalize_activations)
-    if config.architecture == "standard":
-        kwargs.update(l1_coefficient=config.l1_coefficient, l1_warm_up_steps=config.sparsity_warm_up_steps)
-    elif config.architecture == "topk":
-        kwargs.update(k=int(config.k))
-    elif config.architecture == "batchtopk":
-        kwargs.update(k=float(config.k))
-    elif config.architecture == "jumprelu":
-        kwargs.update(l0_coefficient=config.l0_coefficient, l0_warm_up_steps=config.sparsity_warm_up_steps,
-                      jumprelu_init_threshold=config.jumprelu_init_threshold,
-                      jumprelu_bandwidth=config.jumprelu_bandwidth)
-    if config.k > kwargs["d_sae"] and config.architecture in ("topk", "batchtopk"):
-        raise MechsafeError(f"k={config.k} exceeds the SAE width {kwargs['d_sae']}; lower k or raise expansion_factor")
-    sae_cfg = cfg_cls(**kwargs)
-    sae_cfg.metadata.hook_name = hook_name
-    sae_cfg.metadata.model_name = model_name
-    return sae_cfg
 
 
 def build_training_sae(config: SAETrainConfig, d_in: int, hook_name: str, model_name: str = ""):
@@ -208,8 +184,6 @@ def train_sae(model: HookedTransformer, config: SAETrainConfig, *, out_dir: str 
     t0, c0 = time.perf_counter(), time.process_time()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     if config.route == "runner":
-        from mechsafe.sae.runner import run_runner
-
         trained, data_info = run_runner(model, config, name)
         fit_info: dict[str, Any] = {"steps": config.n_steps}
         timings["train"] = round(time.perf_counter() - t0, 2)

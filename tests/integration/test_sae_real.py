@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mechsafe as ms
-from mechsafe.sae import load_sae, make_config, probe_candidates, train_sae
+from mechsafe.probes.sae_probes import probe_candidates
+from mechsafe.sae import load_sae, make_config, train_sae
 
 pytestmark = pytest.mark.integration
 

@@ -187,7 +187,7 @@ def test_sae_call_site_appends_candidates(monkeypatch, model, data_file, act_roo
         return [Candidate(f"sae-k{k}", 1, feats[:, :min(k, 5)], dense_estimator([0.1, 1.0], 3, 200, 2), p)
                 for k in ks for p in poolings]
 
-    monkeypatch.setitem(sys.modules, "mechsafe.sae", types.SimpleNamespace(probe_candidates=probe_candidates))
+    monkeypatch.setitem(sys.modules, "mechsafe.probes.sae_probes", types.SimpleNamespace(probe_candidates=probe_candidates))
     sae = tmp_path / "sae"
     sae.mkdir()
     cfg = small_config(data_file, act_root, sae=str(sae), sae_ks=[1, 4], pooling=["last"], layers="1")
@@ -199,7 +199,7 @@ def test_sae_call_site_appends_candidates(monkeypatch, model, data_file, act_roo
 
 
 def test_sae_without_module_is_a_clear_error(monkeypatch, model, data_file, act_root, tmp_path):
-    monkeypatch.setitem(sys.modules, "mechsafe.sae", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "mechsafe.probes.sae_probes", None)  # makes the import fail
     cfg = small_config(data_file, act_root, sae=str(tmp_path), layers="1")
     with pytest.raises(MechsafeError, match="SAE probes need mechsafe.sae"):
         probe_bench(cfg, model=model, runs_dir=tmp_path / "runs")

@@ -5,7 +5,8 @@ import torch
 import mechsafe as ms
 from mechsafe.chat import encode_prompts
 from mechsafe.errors import MechsafeError
-from mechsafe.sae import TopKMeanDiff, probe_candidates, sae_features
+from mechsafe.probes.sae_probes import TopKMeanDiff, probe_candidates
+from mechsafe.sae import sae_features
 from mechsafe.sae.load import LoadedSAE
 from sae_helpers import random_topk_sae  # noqa: F401
 
