@@ -38,6 +38,7 @@ from transformer_lens import HookedTransformer
 
 from mechsafe.errors import MechsafeError
 from mechsafe.hooks import check_hook, hook_names, parse_layers
+from mechsafe.weights import writing_weights
 
 logger = logging.getLogger(__name__)
 
@@ -278,23 +279,6 @@ def clamp_features(model: HookedTransformer, sae: Any, features: Mapping[int, fl
 
 # --- weight orthogonalization ----------------------------------------------------------------
 
-def _writing_weights(model: HookedTransformer) -> list[tuple[str, torch.nn.Parameter]]:
-    """Parameters whose last dimension writes into the residual stream (d_model)."""
-    out = [("embed.W_E", model.embed.W_E)]
-    if hasattr(model, "pos_embed") and getattr(model.pos_embed, "W_pos", None) is not None \
-            and model.cfg.positional_embedding_type in ("standard", "shortformer"):
-        out.append(("pos_embed.W_pos", model.pos_embed.W_pos))
-    for i, block in enumerate(model.blocks):
-        if hasattr(block, "attn"):
-            out.append((f"blocks.{i}.attn.W_O", block.attn.W_O))
-            out.append((f"blocks.{i}.attn.b_O", block.attn.b_O))
-        if hasattr(block, "mlp"):
-            out.append((f"blocks.{i}.mlp.W_out", block.mlp.W_out))
-            if getattr(block.mlp, "b_out", None) is not None:
-                out.append((f"blocks.{i}.mlp.b_out", block.mlp.b_out))
-    return out
-
-
 class OrthogonalizedWeights:
     """Undo handle of :func:`orthogonalize_weights`; also a context manager that undoes on exit."""
 
@@ -335,7 +319,7 @@ def orthogonalize_weights(model: HookedTransformer, direction: torch.Tensor) -> 
     Returns a handle: ``handle.undo()`` (or leaving ``with handle:``) restores the exact originals.
     """
     r_hat = _unit(direction, model.cfg.d_model)
-    params = dict(_writing_weights(model))
+    params = dict(writing_weights(model))
     originals = {name: p.detach().clone() for name, p in params.items()}
     with torch.no_grad():
         for name, p in params.items():
