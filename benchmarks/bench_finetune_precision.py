@@ -23,16 +23,19 @@ import time
 import torch
 
 import mechsafe as ms
-from mechsafe.align import assign_refusals, default_finetune_config, pool_prompts
+from mechsafe.align import assign_refusals, default_finetune_config
+from mechsafe.data import prompt_pool
+from mechsafe.finetune import ResponseNLL, RetainKL
 
 
 def run(precision: str, examples: list[tuple[str, str]], steps: int, batch_size: int) -> tuple[float, list[float]]:
     model = ms.load_model("smollm2-135m-instruct", processing="none")
     config = default_finetune_config()
     config.steps, config.batch_size, config.precision = steps, batch_size, precision
-    config.unlikelihood_weight, config.merge = 0.0, False
+    config.merge = False
     stamps: list[float] = []
-    result = ms.finetune.finetune(model, examples, config, progress=False, retain=list(range(0, len(examples), 2)),
+    objectives = [ResponseNLL(examples), RetainKL(examples[::2])]
+    result = ms.finetune.finetune(model, objectives, config, progress=False,
                                   callback=lambda step, m: stamps.append(time.perf_counter()))
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), result.losses
 
@@ -44,7 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
 
-    prompts = [p["text"] for p in pool_prompts("harmful", "train")][: args.steps * args.batch_size]
+    prompts = [p["text"] for p in prompt_pool("harmful", "train")][: args.steps * args.batch_size]
     examples = list(zip(prompts, assign_refusals(len(prompts))))
     times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     losses = {}

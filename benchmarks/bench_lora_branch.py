@@ -28,9 +28,10 @@ import torch
 
 import mechsafe as ms
 from mechsafe import chat
-from mechsafe.align import assign_refusals, default_finetune_config, pool_prompts
-from mechsafe.finetune import attach_lora, encode_examples
-from mechsafe.finetune.sequences import collate, masked_nll
+from mechsafe.align import assign_refusals, default_finetune_config
+from mechsafe.data import prompt_pool
+from mechsafe.finetune import attach_lora
+from mechsafe.forward import collate, encode_examples, masked_nll
 from mechsafe.hooks import parse_layers
 
 TARGETS = ("mlp.W_in", "mlp.W_gate", "mlp.W_out")
@@ -72,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
 
     base = ms.load_model("smollm2-135m-instruct", processing="none")
-    prompts = [p["text"] for p in pool_prompts("harmful", "train")][: args.batch_size]
+    prompts = [p["text"] for p in prompt_pool("harmful", "train")][: args.batch_size]
     seqs = encode_examples(base.tokenizer, list(zip(prompts, assign_refusals(len(prompts)))), max_length=128)
     tokens, mask = collate(seqs, chat.pad_id(base.tokenizer))
     with torch.no_grad():

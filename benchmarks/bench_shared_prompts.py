@@ -3,7 +3,7 @@
 The align recipe's steps carry, next to each example's own response, up to two more rows on the same
 prompt: the unlikelihood negative and the preference term's rejected response. With ``share_prompts`` the
 distinct prompts run once into a key-value cache and every row continues from it
-(:func:`mechsafe.finetune.sequences.shared_prompt_resid`); the reference is the per-row path (one pass for
+(:func:`mechsafe.forward.shared_prompt_resid`); the reference is the per-row path (one pass for
 the examples, one for their negatives and rejected responses), timed on the same steps in the same run.
 
 The workload has the align recipe's shape (``mechsafe.align.default_finetune_config()``, its retain,
@@ -27,30 +27,32 @@ import time
 import torch
 
 import mechsafe as ms
-from mechsafe.align import assign_refusals, default_finetune_config, pool_prompts, refusal_openings
+from mechsafe.align import assign_refusals, default_finetune_config, refusal_openings
+from mechsafe.data import prompt_pool
 from mechsafe.evaluation import generate
+from mechsafe.finetune import Objective, Preference, ResponseNLL, RetainKL, Unlikelihood
 
 
-def workload(n: int) -> tuple[list[tuple[str, str]], list[int], dict[int, str], dict[int, str]]:
-    """``n`` harmful and ``n`` harmless examples, the retained ones, the negatives and the rejected responses."""
-    harmful = [p["text"] for p in pool_prompts("harmful", "train")][:n]
-    harmless = [p["text"] for p in pool_prompts("harmless", "train")][:n]
+def workload(n: int) -> list[Objective]:
+    """The four objectives of ``n`` harmful and ``n`` harmless examples."""
+    harmful = [p["text"] for p in prompt_pool("harmful", "train")][:n]
+    harmless = [p["text"] for p in prompt_pool("harmless", "train")][:n]
     model = ms.load_model("smollm2-135m-instruct", processing="none")
     answers = [a.strip() for a in generate(model, harmful + harmless, max_new_tokens=24, batch_size=32, progress=False)]
-    examples = list(zip(harmful, assign_refusals(n))) + list(zip(harmless, answers[n:]))
-    openings = dict(zip(range(n, 2 * n), refusal_openings(n, 1)))
-    rejected = {i: answers[i] for i in range(n) if answers[i]} | openings
-    return examples, list(range(n, 2 * n)), openings, rejected
+    refused, answered = list(zip(harmful, assign_refusals(n))), list(zip(harmless, answers[n:]))
+    openings = refusal_openings(n, 1)
+    chosen = [(ex, a) for ex, a in zip(refused, answers[:n]) if a]
+    return [ResponseNLL(refused + answered), RetainKL(answered, 1.0), Unlikelihood(answered, openings, 4.0),
+            Preference([ex for ex, _ in chosen] + answered, [a for _, a in chosen] + openings, 4.0)]
 
 
-def run(share: bool, data, steps: int, batch_size: int) -> tuple[float, list[float]]:
-    examples, retain, negatives, rejected = data
+def run(share: bool, objectives: list[Objective], steps: int, batch_size: int) -> tuple[float, list[float]]:
     model = ms.load_model("smollm2-135m-instruct", processing="none")
     config = default_finetune_config()
     config.steps, config.batch_size, config.share_prompts, config.merge = steps, batch_size, share, False
     stamps: list[float] = []
-    result = ms.finetune.finetune(model, examples, config, progress=False, retain=retain, negatives=negatives,
-                                  rejected=rejected, callback=lambda step, m: stamps.append(time.perf_counter()))
+    result = ms.finetune.finetune(model, objectives, config, progress=False,
+                                  callback=lambda step, m: stamps.append(time.perf_counter()))
     return statistics.median(b - a for a, b in list(zip(stamps, stamps[1:]))[1:]), result.losses
 
 

@@ -14,11 +14,12 @@ Example::
     result = ev.evaluate(model, harmful, harmless)   # EvalResult with bootstrap intervals
     print(result.markdown())
 
-Modules: ``generation`` (generate, last-position logits), ``refusal`` (phrase matcher, refusal
+Modules: ``generation`` (generate, cached greedy answers, last-position logits), ``refusal`` (phrase matcher, refusal
 score), ``metrics`` (evaluate, EvalResult, answer NLL, KL).
 """
 
-from mechsafe.evaluation.generation import generate, last_logits, pad_left, prompt_last_logits
+from mechsafe.evaluation.generation import cached_answers, generate, pad_left, prompt_last_logits
+from mechsafe.forward import last_logits
 from mechsafe.evaluation.metrics import (
     EvalResult,
     UTILITY_SUFFIX,
@@ -50,6 +51,7 @@ __all__ = [
     "REFUSAL_WINDOW",
     "UTILITY_SUFFIX",
     "answer_nll",
+    "cached_answers",
     "evaluate",
     "generate",
     "is_refusal",

@@ -13,6 +13,7 @@ its own).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -23,6 +24,9 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechsafe.chat import encode_prompts, pad_id, pad_right
 from mechsafe.errors import MechsafeError
+from mechsafe.forward import common_prefix_length, last_logits, prefix_cache, unembed
+from mechsafe.models import model_info
+from mechsafe.runs import read_json, stable_hash, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -44,34 +48,6 @@ def pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[Int[torch.Tensor,
     return tokens, mask
 
 
-def unembed(model: HookedTransformer, resid: Float[torch.Tensor, "n d_model"]) -> Float[torch.Tensor, "n d_vocab"]:
-    """Final norm, unembedding and logit soft cap of residual vectors (only the positions that are needed).
-
-    Always in the model's own dtype, also under ``torch.autocast``: bfloat16 logits would round by up to
-    0.1 at typical magnitudes, more than the log-probability differences the losses work with.
-    """
-    x = resid.unsqueeze(1).to(model.cfg.dtype)
-    with torch.autocast(resid.device.type, enabled=False):
-        if model.cfg.normalization_type is not None:
-            x = model.ln_final(x)
-        logits = model.unembed(x).squeeze(1)  # (a view: its backward copies nothing, unlike [:, 0])
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
-def last_logits(model: HookedTransformer, tokens: Int[torch.Tensor, "batch pos"],
-                lengths: Int[torch.Tensor, " batch"]) -> Float[torch.Tensor, "batch d_vocab"]:
-    """Next-token logits at each row's last real position of a right-padded batch.
-
-    Only those positions are unembedded, which saves the vocabulary projection of every other one.
-    """
-    resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
-    rows = torch.arange(tokens.shape[0], device=resid.device)
-    return unembed(model, resid[rows, lengths.to(resid.device) - 1])
-
-
 def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Indices grouped into batches of similar length (sorted), so little padding is computed."""
     if batch_size < 1:
@@ -81,44 +57,10 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
         yield order[start:start + batch_size]
 
 
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Number of leading tokens all sequences share (at most the shortest length minus one)."""
-    if not seqs:
-        return 0
-    limit = min(len(s) for s in seqs) - 1
-    n = 0
-    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
-        n += 1
-    return n
-
-
 def _shared_prefix_length(seqs: Sequence[Sequence[int]], share: bool) -> int:
     """Leading tokens a batch shares that are worth one pass of their own (0: none, or ``share`` is off)."""
     n = common_prefix_length(seqs) if share and len(seqs) > 1 else 0
     return n if n >= _MIN_SHARED_PREFIX else 0
-
-
-def select_cache_rows(cache: TransformerLensKeyValueCache, rows: Int[torch.Tensor, " n"]) -> None:
-    """Make ``cache`` hold, for each of ``n`` new rows, the keys, values and attention mask of row ``rows[i]``
-    (in place; differentiable, so gradients flow back to the pass that filled the cache)."""
-    for entry in cache.entries:
-        entry.past_keys = entry.past_keys.index_select(0, rows.to(entry.past_keys.device))
-        entry.past_values = entry.past_values.index_select(0, rows.to(entry.past_values.device))
-    cache.previous_attention_mask = cache.previous_attention_mask.index_select(
-        0, rows.to(cache.previous_attention_mask.device))
-
-
-def prefix_cache(model: HookedTransformer, prefix: Sequence[int], rows: int
-                 ) -> tuple[TransformerLensKeyValueCache, Float[torch.Tensor, "1 prefix d_model"]]:
-    """Run the tokens ``prefix`` once (batch 1) into a new key-value cache and give each of ``rows`` rows a copy of
-    their keys and values; returns the cache and the prefix's final residuals (hooks apply to this pass)."""
-    device = model.cfg.device
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, 1)
-    head = torch.tensor([list(prefix)], dtype=torch.long, device=device)
-    resid = model(head, attention_mask=torch.ones_like(head, dtype=torch.int), past_kv_cache=cache,
-                  stop_at_layer=model.cfg.n_layers)
-    select_cache_rows(cache, torch.zeros(rows, dtype=torch.long))
-    return cache, resid
 
 
 def _shared_prefix_last_logits(model: HookedTransformer, seqs: list[list[int]], prefix: int,
@@ -244,3 +186,35 @@ def generate(model: HookedTransformer, prompts: list[str], max_new_tokens: int =
             for i, ids in zip(idx, outs):
                 results[i] = tok.decode(ids, skip_special_tokens=True)
     return results
+
+
+def cached_answers(model: HookedTransformer, prompts: Sequence[dict[str, str]], max_new_tokens: int, path: str | Path,
+                   batch_size: int = 32, progress: bool = True) -> dict[str, str]:
+    """The model's greedy answers to ``prompts`` (dicts with ``id`` and ``text``) by id, cached in the JSON file ``path``.
+
+    The cache is keyed by the model (:func:`mechsafe.models.model_info`); prompts already answered are not
+    generated again. Greedy decoding is deterministic, so answers cached with a larger token limit are cut to
+    ``max_new_tokens`` tokens instead of being generated again.
+    """
+    path = Path(path)
+    key = stable_hash({"model": model_info(model).to_dict()})
+    cached: dict[str, str] = {}
+    cached_limit = max_new_tokens
+    if path.is_file():
+        data = read_json(path)
+        if data.get("key") == key and int(data.get("max_new_tokens", 0)) >= max_new_tokens:
+            cached, cached_limit = dict(data["answers"]), int(data["max_new_tokens"])
+    todo = [p for p in prompts if p["id"] not in cached]
+    if todo:
+        texts = generate(model, [p["text"] for p in todo], max_new_tokens=cached_limit, batch_size=batch_size,
+                         progress=progress)
+        cached.update({p["id"]: t for p, t in zip(todo, texts)})
+        write_json(path, {"key": key, "max_new_tokens": cached_limit, "answers": cached})
+    out = {p["id"]: cached[p["id"]] for p in prompts}
+    if cached_limit > max_new_tokens:
+        tok = model.tokenizer
+        for i, text in out.items():
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_new_tokens:
+                out[i] = tok.decode(ids[:max_new_tokens], skip_special_tokens=True)
+    return out

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from mechsafe.chat import encode_prompts, end_of_turn, pad_id, pad_right
+from mechsafe.chat import encode_prompts, pad_id, pad_right
 from mechsafe.data import assign_splits, instructions, math_problems
 from mechsafe.errors import MechsafeError
 from mechsafe.evaluation.generation import generate, length_batches
+from mechsafe.forward import encode_examples, sequence_nll
 from mechsafe.evaluation.refusal import refusal_flags
 from mechsafe.models import model_info
 from mechsafe.stats import Estimate, bootstrap, proportion
@@ -72,25 +73,9 @@ def answer_nll(model: HookedTransformer, prompts: Sequence[str], answers: Sequen
     """
     if len(prompts) != len(answers) or not prompts:
         raise MechsafeError("answer_nll needs one answer per prompt and at least one prompt")
-    tok = model.tokenizer
-    enc = encode_prompts(tok, list(prompts), system=system)
-    seqs, starts = [], []
-    for e, answer in zip(enc, answers):
-        ids = tok.encode(answer + end_of_turn(tok), add_special_tokens=False)
-        starts.append(len(e.ids))
-        seqs.append(e.ids + ids)
-    nll_sum = np.zeros(len(seqs))
-    n_tok = np.zeros(len(seqs))
-    with torch.inference_mode():
-        for idx in length_batches([len(s) for s in seqs], batch_size):
-            tokens, lengths = pad_right([seqs[i] for i in idx], pad_id(tok))
-            logp = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1).cpu()
-            for row, i in enumerate(idx):
-                targets = tokens[row, starts[i]:int(lengths[row])]
-                pred = logp[row, starts[i] - 1:int(lengths[row]) - 1]
-                nll = -pred.gather(-1, targets[:, None])[:, 0]
-                nll_sum[i], n_tok[i] = float(nll.sum()), len(targets)
-    return bootstrap(_ratio, nll_sum, n_tok)
+    seqs = encode_examples(model.tokenizer, list(zip(prompts, answers)), max_length=model.cfg.n_ctx, system=system)
+    nll_sum, n_tok = sequence_nll(model, seqs, batch_size)
+    return bootstrap(_ratio, nll_sum.double().numpy(), n_tok.double().numpy())
 
 
 def kl_divergence(reference: HookedTransformer, model: HookedTransformer, prompts: Sequence[str],

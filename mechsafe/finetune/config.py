@@ -1,4 +1,4 @@
-"""``FinetuneConfig``: what LoRA fine-tuning adapts and how it trains."""
+"""``FinetuneConfig``: what the trainer trains (LoRA adapters, all weights or selected weights) and how."""
 
 from __future__ import annotations
 
@@ -7,27 +7,29 @@ import math
 from typing import Any
 
 from mechsafe.errors import MechsafeError
+from mechsafe.weights import check_kinds
 
-MLP_TARGETS = ("mlp.W_in", "mlp.W_gate", "mlp.W_out")
-"""MLP weights (TransformerLens ``MLP`` and ``GatedMLP``)."""
-ATTN_TARGETS = ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O")
-"""Attention weights. Both kinds are adapted by mechsafe's :class:`~mechsafe.finetune.lora.TransformerLensLora` layer."""
-TARGETS = MLP_TARGETS + ATTN_TARGETS
-"""Every weight a :class:`FinetuneConfig` may target."""
+METHODS = ("lora", "full", "selected")
+"""What trains: LoRA adapters on the targets, every parameter of the model, or the target weights themselves."""
 SCHEDULES = ("constant", "linear")
 PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    """LoRA fine-tuning of a ``HookedTransformer`` on (prompt, response) pairs.
+    """Fine-tuning of a ``HookedTransformer`` against a list of objectives (:mod:`mechsafe.finetune.objectives`).
 
     Example::
 
         cfg = FinetuneConfig(rank=8, alpha=16, targets=("mlp.W_in", "mlp.W_out", "attn.W_O"),
                              layers="middle", lr=3e-4, steps=40, batch_size=8)
+        cfg = FinetuneConfig(method="selected", targets=("mlp.W_out",), layers="20-29", lr=1e-5, steps=40)
     """
 
+    method: str = "lora"
+    """What trains: ``lora`` (adapters on ``targets`` x ``layers``), ``full`` (every parameter of the model:
+    embeddings, norms, every block weight and bias, unembedding) or ``selected`` (the ``targets`` x ``layers``
+    weights themselves, selected by :func:`mechsafe.weights.select`)."""
     rank: int = 8
     """LoRA rank ``r`` of every adapted weight (for attention weights: of the whole
     ``d_model x (n_heads d_head)`` map, as LoRA on a Hugging Face ``q_proj``/``o_proj``)."""
@@ -37,11 +39,11 @@ class FinetuneConfig:
     """LoRA dropout: the probability of dropping an input element of the low-rank branch
     ``scale * (x @ A.T) @ B.T`` while training (0: off; the frozen weight always sees the whole input)."""
     targets: tuple[str, ...] = ("mlp.W_in", "mlp.W_out", "attn.W_Q", "attn.W_O")
-    """Weights to adapt, TransformerLens names: any of ``mlp.W_in``, ``mlp.W_gate``, ``mlp.W_out``,
-    ``attn.W_Q``, ``attn.W_K``, ``attn.W_V``, ``attn.W_O`` (``W_K``/``W_V`` adapt the grouped
-    ``_W_K``/``_W_V`` of grouped-query attention)."""
+    """Weight kinds to adapt (``lora``) or train (``selected``), as :data:`mechsafe.weights.WEIGHT_KINDS`:
+    ``mlp.W_in``, ``mlp.W_gate``, ``mlp.W_out``, ``attn.W_Q``, ``attn.W_K``, ``attn.W_V``, ``attn.W_O``
+    (``W_K``/``W_V`` are the grouped ``_W_K``/``_W_V`` of grouped-query attention). Unused by ``full``."""
     layers: str = "all"
-    """Blocks to adapt: a layer selector (``all``, ``early``, ``middle``, ``late``, ``last``, ``3-7``, ``0,5,9``)."""
+    """Blocks of the targets: a layer selector (``all``, ``early``, ``middle``, ``late``, ``last``, ``3-7``, ``0,5,9``)."""
     lr: float = 2e-4
     """Peak AdamW learning rate."""
     steps: int | None = None
@@ -59,58 +61,37 @@ class FinetuneConfig:
     checkpoint_every: int = 50
     """Save a resumable checkpoint every this many steps (and at the end) when a run dir is given; 0: only at the end."""
     weight_decay: float = 0.0
-    """AdamW weight decay on the LoRA factors."""
+    """AdamW weight decay on the trained parameters (LoRA factors or weights; never on frozen entries, see
+    :class:`~mechsafe.finetune.transforms.Freeze`)."""
     warmup_steps: int = 0
     """Steps of linear learning-rate warm-up from 0."""
     schedule: str = "constant"
     """Learning rate after warm-up: ``constant`` or ``linear`` decay to 0 at the last step."""
     max_grad_norm: float | None = 1.0
-    """Clip the LoRA gradients to this global norm; ``None`` disables clipping."""
-    kl_weight: float = 0.0
-    """Weight of the retain term: the KL from the model before training to the adapted model, at every
-    position of the examples passed as ``finetune(retain=...)`` (:mod:`mechsafe.finetune.retain`); 0: off."""
-    kl_top_k: int = 64
-    """Reference distributions of the retain term keep their ``kl_top_k`` most probable tokens plus one
-    bucket for the rest (the KL is exact when this covers the vocabulary)."""
-    unlikelihood_weight: float = 0.0
-    """Weight of the unlikelihood term: ``-log(1 - p(negative | prompt))`` for the responses passed as
-    ``finetune(negatives=...)``, averaged over those examples (:func:`mechsafe.finetune.sequences.unlikelihood`);
-    0: off."""
-    preference_weight: float = 0.0
-    """Weight of the preference term (DPO, Rafailov et al., 2023) on the examples passed with a rejected
-    response as ``finetune(rejected=...)``: ``-log sigmoid(preference_beta * margin)``, where the margin is
-    how much more the adapted model than the model before training favours the example's own response
-    over the rejected one (summed log-probabilities), averaged over those examples
-    (:mod:`mechsafe.finetune.preference`); 0: off."""
-    preference_beta: float = 0.1
-    """DPO's ``beta``: the scale of the log-probability margin inside the sigmoid (small: the term keeps
-    pushing until the margin is large; large: it saturates after a small change)."""
+    """Clip the gradients of the trained parameters to this global norm; ``None`` disables clipping."""
     callback_every: int = 1
     """Call ``callback(step, model)`` every this many steps (also before the first and after the last)."""
     merge: bool = True
-    """Merge the adapters into the weights at the end (a plain ``HookedTransformer``); False keeps the PEFT wrappers."""
+    """``lora``: merge the adapters into the weights at the end (a plain ``HookedTransformer``); False keeps the
+    PEFT wrappers."""
     precision: str = "float32"
     """``bfloat16``: mixed precision, the training forward passes run under ``torch.autocast`` with bfloat16
     matrix products (faster where matrix products dominate a step, on CPUs with AMX or AVX512-BF16 and on
     recent GPUs; ``docs/finetune.md`` gives measured gains); the weights, LoRA factors,
-    optimizer state, losses and the reference passes of the retain and preference terms stay float32.
+    optimizer state, losses and the objectives' reference passes stay float32.
     ``float32``: everything in float32."""
     share_prompts: bool = True
     """Run each distinct prompt of a micro-batch once and continue every row that shares it (the example's
     response, its negative, its rejected response) from the prompt's cached keys and values
-    (:func:`mechsafe.finetune.sequences.shared_prompt_resid`): the same losses and gradients up to
-    floating-point summation order, with fewer tokens computed. ``False``: one full pass for the examples and
-    one for their negatives and rejected responses, as before session 19; it reproduces the checkpoints
-    recorded until then bit for bit."""
+    (:func:`mechsafe.forward.shared_prompt_resid`): the same losses and gradients up to floating-point
+    summation order, with fewer tokens computed. ``False``: one full pass for the examples and one for their
+    alternative responses."""
 
     def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown or not self.targets:
-            raise MechsafeError(f"unknown LoRA targets {unknown or '[]'}; choose from {', '.join(TARGETS)}")
-        if len(set(self.targets)) != len(self.targets):
-            raise MechsafeError(f"LoRA targets {list(self.targets)} repeat a weight; list each once")
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "callback_every", "kl_top_k"):
+        if self.method not in METHODS:
+            raise MechsafeError(f"unknown fine-tuning method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self.targets = check_kinds(self.targets)
+        for name in ("rank", "batch_size", "grad_accum", "max_length", "callback_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MechsafeError(f"{name}={value!r} must be a positive integer")
@@ -124,16 +105,6 @@ class FinetuneConfig:
             raise MechsafeError(f"alpha={self.alpha} must be a positive number")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise MechsafeError(f"lr={self.lr} must be a positive number, e.g. 2e-4")
-        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
-            raise MechsafeError(f"kl_weight={self.kl_weight} must be a non-negative number (0 turns the retain term off)")
-        if not (self.unlikelihood_weight >= 0 and math.isfinite(self.unlikelihood_weight)):
-            raise MechsafeError(f"unlikelihood_weight={self.unlikelihood_weight} must be a non-negative number "
-                                "(0 turns the unlikelihood term off)")
-        if not (self.preference_weight >= 0 and math.isfinite(self.preference_weight)):
-            raise MechsafeError(f"preference_weight={self.preference_weight} must be a non-negative number "
-                                "(0 turns the preference term off)")
-        if not (self.preference_beta > 0 and math.isfinite(self.preference_beta)):
-            raise MechsafeError(f"preference_beta={self.preference_beta} must be a positive number, e.g. 0.1")
         if self.weight_decay < 0:
             raise MechsafeError(f"weight_decay={self.weight_decay} must be >= 0")
         if self.steps is not None and self.epochs is not None:

@@ -47,8 +47,8 @@ from transformer_lens.components.mlps.mlp import MLP
 
 from mechsafe.errors import MechsafeError
 from mechsafe.finetune.config import FinetuneConfig
-from mechsafe.hooks import parse_layers
 from mechsafe.models import linear_layout
+from mechsafe.weights import select, weight
 
 ADAPTER = "default"
 """Name of the one adapter mechsafe trains."""
@@ -276,45 +276,32 @@ def lora_layer_cls() -> type:
     return _make_lora_cls()
 
 
-def _attention_param_name(model: HookedTransformer, target: str) -> str:
-    """TransformerLens attribute holding ``attn.W_K``/``attn.W_V`` (``_W_K`` under grouped-query attention)."""
-    short = target.split(".", 1)[1]
-    attn = model.blocks[0].attn
-    while hasattr(attn, "base_layer"):  # already carrying adapters
-        attn = attn.base_layer
-    names = dict(attn.named_parameters(recurse=False))
-    if short in names:
-        return short
-    if f"_{short}" in names:
-        return f"_{short}"
-    raise MechsafeError(f"this model's attention has no weight {short}; its weights are {sorted(names)}")
-
-
 def peft_config(model: HookedTransformer, config: FinetuneConfig):
-    """The PEFT ``LoraConfig`` for ``config`` on ``model``: the attention and MLP modules of the selected layers,
-    each adapted by one :class:`TransformerLensLora`."""
+    """The PEFT ``LoraConfig`` for ``config`` on ``model``: the attention and MLP modules of the selected layers
+    (:func:`mechsafe.weights.select`), each adapted by one :class:`TransformerLensLora`."""
     from peft import LoraConfig
 
-    layers = parse_layers(config.layers, model.cfg.n_layers)
-    mlp = [t.split(".", 1)[1] for t in config.targets if t.startswith("mlp.")]
-    attn = [_attention_param_name(model, t) for t in config.targets if t.startswith("attn.")]
-    if model.cfg.attn_only and mlp:
-        raise MechsafeError(f"this model has no MLPs; drop {['mlp.' + w for w in mlp]} from the LoRA targets")
-    if "W_gate" in mlp and not model.cfg.gated_mlp:
-        raise MechsafeError("this model's MLP is not gated (no W_gate); drop mlp.W_gate from the LoRA targets")
+    handles = select(model, config.targets, config.layers)  # a kind the model lacks fails here, naming the fix
+    by_part: dict[str, list[str]] = {}
+    modules: list[str] = []
+    for h in handles:
+        part = h.kind.split(".")[0]
+        if h.attr not in by_part.setdefault(part, []):
+            by_part[part].append(h.attr)
+        module = h.name.rsplit(".", 1)[0]
+        if module not in modules:
+            modules.append(module)
     cls = lora_layer_cls()
-    kinds, custom = [], {}
-    if attn:
-        kinds.append("attn")
-        custom[AbstractAttention] = functools.partial(cls, weights=tuple(attn))
-        _check_supported(model.blocks[layers[0]].attn, tuple(attn))  # before PEFT wraps any module
-    if mlp:
-        kinds.append("mlp")
-        custom[MLP] = custom[GatedMLP] = functools.partial(cls, weights=tuple(mlp))
-        _check_supported(model.blocks[layers[0]].mlp, tuple(mlp))
-    target = rf"blocks\.({'|'.join(str(i) for i in layers)})\.({'|'.join(kinds)})"
+    custom = {}
+    first = handles[0].layer
+    if "attn" in by_part:
+        custom[AbstractAttention] = functools.partial(cls, weights=tuple(by_part["attn"]))
+        _check_supported(model.blocks[first].attn, tuple(by_part["attn"]))  # before PEFT wraps any module
+    if "mlp" in by_part:
+        custom[MLP] = custom[GatedMLP] = functools.partial(cls, weights=tuple(by_part["mlp"]))
+        _check_supported(model.blocks[first].mlp, tuple(by_part["mlp"]))
     lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
-                             target_modules=target)
+                             target_modules=modules)
     lora_config._register_custom_module(custom)
     return lora_config
 
@@ -389,26 +376,17 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def adapted_weight(model: HookedTransformer, target: str, layer: int) -> torch.Tensor:
-    """The weight ``target`` (e.g. ``"mlp.W_in"``) of block ``layer`` with its LoRA update included.
+    """The weight ``target`` (a :data:`mechsafe.weights.WEIGHT_KINDS` kind, e.g. ``"mlp.W_in"``) of block ``layer``
+    with its LoRA update included.
 
     Works on a plain model (returns the weight) and on one carrying adapters (base weight plus
     ``scale * B @ A`` in TransformerLens shape), e.g. inside a :func:`~mechsafe.finetune.finetune`
     callback that snapshots neuron weights.
     """
-    kind, _, short = target.partition(".")
-    if kind not in ("mlp", "attn") or not short:
-        raise MechsafeError(f"target {target!r} must look like 'mlp.W_in' or 'attn.W_O'")
-    if not 0 <= layer < model.cfg.n_layers:
-        raise MechsafeError(f"layer {layer} is out of range; the model has {model.cfg.n_layers} layers")
-    module = getattr(model.blocks[layer], kind)
-    if kind == "attn":
-        short = _attention_param_name(model, target)
+    handle = weight(model, target, layer)
+    module = getattr(model.blocks[handle.layer], target.split(".")[0])
     delta = None
-    if isinstance(module, _lora_layer_cls()):
-        if short in module.weights and ADAPTER in module.lora_A and not module.merged:
-            delta = module.get_delta_weight(ADAPTER, short)
-        module = module.get_base_layer()
-    weight = getattr(module, short, None)
-    if not isinstance(weight, torch.Tensor):
-        raise MechsafeError(f"block {layer}'s {kind} has no weight {short}")
-    return weight.detach().clone() if delta is None else (weight + delta).detach()
+    if isinstance(module, _lora_layer_cls()) and handle.attr in module.weights and ADAPTER in module.lora_A \
+            and not module.merged:
+        delta = module.get_delta_weight(ADAPTER, handle.attr)
+    return handle.parameter.detach().clone() if delta is None else (handle.parameter + delta).detach()

@@ -1,15 +1,15 @@
 """The preference term: DPO (Rafailov et al., 2023) on (chosen, rejected) responses to one prompt.
 
-With ``FinetuneConfig.preference_weight > 0``, :func:`mechsafe.finetune.finetune` adds to the loss,
-for every example ``i`` passed with a rejected response as ``rejected={i: text}`` (the chosen
-response is the example's own), averaged over those examples of the step::
+The :class:`~mechsafe.finetune.objectives.Preference` objective adds to the loss, for every example ``i``
+of the objective with its rejected response (the chosen response is the example's own), averaged over
+those examples of the step::
 
     margin_i = [log p(chosen_i) - log p_ref(chosen_i)] - [log p(rejected_i) - log p_ref(rejected_i)]
     loss_i   = -log sigmoid(preference_beta * margin_i)
 
 where ``log p`` is the summed log-probability of the response tokens after the prompt and
-``p_ref`` the model before training (computed once, before the adapters are attached). At
-initialization LoRA changes nothing, so every margin is 0 and the term starts at ``log 2``.
+``p_ref`` the model before training (computed once, before the first step). Every margin starts
+at 0, so the term starts at ``log 2``.
 Unlike the response NLL, the term saturates: it stops pushing once the model prefers the chosen
 response by a margin of a few ``1 / beta``, and it raises the chosen response only *relative* to
 the rejected one. ``align`` uses it with refusals preferred to the base model's own answers on
@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from mechsafe.finetune.sequences import TeacherForced, sequence_nll
+from mechsafe.forward import TeacherForced, sequence_nll
 
 
 @dataclasses.dataclass

@@ -1,19 +1,17 @@
 """The retain term: KL from the model before training, on chosen examples.
 
-With ``FinetuneConfig.kl_weight > 0``, :func:`mechsafe.finetune.finetune` adds to the response
-NLL a penalty on how far the adapted model's next-token distributions move from the model it
-started from, on the examples passed as ``retain`` (``align`` passes its harmless examples), at
-every position of those sequences (prompt and response)::
+The :class:`~mechsafe.finetune.objectives.RetainKL` objective penalizes how far the trained model's
+next-token distributions move from the model it started from, on its examples (``align`` passes its
+harmless examples), at every position of those sequences (prompt and response)::
 
-    loss = NLL + kl_weight * sum_{retained (b, t)} KL(p_ref[b, t] || p[b, t]) / #retained positions
+    term = weight * sum_{retained (b, t)} KL(p_ref[b, t] || p[b, t]) / #retained positions
 
-The reference distributions are computed once, before the adapters are attached, and kept as
+The reference distributions are computed once, before the first step, and kept as
 their ``kl_top_k`` most probable tokens plus one bucket for all other tokens. The KL between two
 distributions coarsened to those ``k + 1`` outcomes is what is optimized: it is a lower bound
 on the full KL (coarsening never increases a divergence) and equals it when ``k`` covers the
-vocabulary. At initialization LoRA changes nothing, so the term starts at 0: exactly with one pass
-per row, within float rounding (~1e-9) when the reference and training passes batch rows differently,
-as with shared prompts.
+vocabulary. The term starts at 0: exactly with one pass per row, within float rounding (~1e-9) when
+the reference and training passes batch rows differently, as with shared prompts.
 """
 
 from __future__ import annotations
@@ -26,8 +24,7 @@ from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
 
 from mechsafe import chat
-from mechsafe.evaluation.generation import unembed
-from mechsafe.finetune.sequences import TeacherForced, eval_mode, final_resid, masked_nll, shared_prompt_resid
+from mechsafe.forward import TeacherForced, eval_mode, final_resid, masked_nll, shared_prompt_resid, unembed
 
 _EPS = 1e-7
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import mechsafe as ms
-from mechsafe.finetune import FinetuneConfig, finetune, has_lora, response_nll
+from mechsafe.finetune import FinetuneConfig, finetune, has_lora
+from mechsafe.forward import response_nll
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning on the tiny model: identity at init, response-only loss, resume, merge, attention, save/load."""
+"""The trainer on the tiny model: LoRA (identity at init, merge, attention), objectives, resume, save/load."""
 
 import math
 
@@ -9,12 +9,13 @@ from transformer_lens import HookedTransformer
 import mechsafe as ms
 from mechsafe import chat
 from mechsafe.errors import MechsafeError
-from mechsafe.evaluation.generation import unembed
-from mechsafe.finetune import (FinetuneConfig, adapted_weight, attach_lora, encode_examples, example_order, finetune,
-                               has_lora, merge_lora, response_nll, sequence_nll)
+from mechsafe.finetune import (FinetuneConfig, Preference, ResponseNLL, RetainKL, Unlikelihood, adapted_weight,
+                               attach_lora, example_order, finetune, has_lora, merge_lora)
+from mechsafe.finetune.objectives import unlikelihood
 from mechsafe.finetune.preference import Pair, dpo_loss, reference_pairs
 from mechsafe.finetune.retain import coarse_kl, reference_topk, retain_kl_sum
-from mechsafe.finetune.sequences import collate, final_resid, masked_nll, shared_prompt_resid, token_nll, unlikelihood
+from mechsafe.forward import (collate, encode_examples, final_resid, masked_nll, response_nll, sequence_nll,
+                              shared_prompt_resid, token_nll, unembed)
 from mechsafe.models import model_info
 
 from conftest import make_tiny_model
@@ -23,6 +24,32 @@ ALL = ("mlp.W_in", "mlp.W_gate", "mlp.W_out", "attn.W_Q", "attn.W_K", "attn.W_V"
 EXAMPLES = [("hello there", "hi!"), ("what is 2+2?", "4"), ("say cat twice", "cat cat"), ("bye now", "goodbye"),
             ("name a colour", "blue"), ("count to three", "1 2 3")]
 TOKENS = torch.tensor([[1, 20, 31, 44, 52, 63, 70, 2], [1, 33, 34, 35, 36, 37, 38, 39]])
+RECORDED = {'plain': [4.874185735529119, 4.516191655939275, 4.07946252822876, 4.058016159955193, 3.7365935189383372,
+                      3.7033988551089636, 3.1354168162626377, 3.547393321990967],
+            'terms': {'losses': [4.874185735529119, 4.6070005243474785, 3.9292235374450684, 4.2496176326976105,
+                                 4.012430735996792, 3.3936775609066614, 3.3719004462747013, 3.1539502143859863],
+                      'preference': [0.6931472420692444, 0.7436652183532715, 0.4832250773906708, 0.5333880186080933, None,
+                                     0.35963507493336994, 0.43746495246887207, 0.27273717522621155],
+                      'retain_kl': [0.0, 0.11444726255204943, 0.10699008347152116, 0.0865517324871487, 0.11014601257112291,
+                                    0.1451132885821454, 0.12181760205162896, 0.17161703729010247],
+                      'unlikelihood': [1.1049735348933609e-07, 3.145935625070706e-05, 4.253588485880755e-05,
+                                       3.3809438674268014e-15, 2.3249711375683546e-05, 2.2876662342241616e-08,
+                                       2.115757859167365e-14, 3.5552147892303765e-05]}}
+"""Per-step losses of the LoRA trainer before it became the trainer of every method (same seeds, same tiny model):
+``plain`` the response NLL alone, ``terms`` the four terms of :func:`terms` with weight 1."""
+
+
+def terms(retain=(), negatives=None, rejected=None, weight=1.0, top_k=64, beta=0.1):
+    """The objectives of EXAMPLES: the response NLL, plus the retain, unlikelihood and preference terms of the
+    examples with these indices."""
+    objectives = [ResponseNLL(EXAMPLES)]
+    if retain:
+        objectives.append(RetainKL([EXAMPLES[i] for i in retain], weight, top_k))
+    if negatives:
+        objectives.append(Unlikelihood([EXAMPLES[i] for i in negatives], list(negatives.values()), weight))
+    if rejected:
+        objectives.append(Preference([EXAMPLES[i] for i in rejected], list(rejected.values()), weight, beta))
+    return objectives
 
 
 def _randomize_b(model, seed=1):
@@ -101,16 +128,13 @@ def test_training_lowers_the_response_loss(tiny_model):
     assert result.losses[-1] < result.losses[0]
 
 
-@pytest.mark.parametrize("kl_weight", [0.0, 1.0])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, kl_weight):
-    cfg = FinetuneConfig(steps=6, batch_size=4, lr=5e-3, checkpoint_every=2, targets=ALL, kl_weight=kl_weight,
-                         unlikelihood_weight=kl_weight, preference_weight=kl_weight)
-    retain = [0] if kl_weight else None  # some steps hold no retained example
-    negatives = {1: "no", 2: "dog"} if kl_weight else None
-    rejected = {2: "dog", 4: "red"} if kl_weight else None  # example 2's rejected response is also its negative
-    kw = dict(progress=False, retain=retain, negatives=negatives, rejected=rejected)
+@pytest.mark.parametrize("all_terms", [False, True])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, all_terms):
+    cfg = FinetuneConfig(steps=6, batch_size=4, lr=5e-3, checkpoint_every=2, targets=ALL)
+    # some steps hold no retained example; example 2's rejected response is also its negative
+    objectives = terms([0], {1: "no", 2: "dog"}, {2: "dog", 4: "red"}) if all_terms else terms()
     straight = make_tiny_model()
-    r1 = finetune(straight, EXAMPLES, cfg, **kw)
+    r1 = finetune(straight, objectives, cfg, progress=False)
 
     class Crash(Exception):
         pass
@@ -121,20 +145,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, kl_weight):
 
     interrupted = make_tiny_model()
     with pytest.raises(Crash):
-        finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, callback=crash_at_3, **kw)
+        finetune(interrupted, objectives, cfg, run_dir=tmp_path, callback=crash_at_3, progress=False)
     assert not has_lora(interrupted)  # a failed run leaves the model as it came
-    r2 = finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, **kw)
-    assert r2.resumed_from == 2 and r2.losses == r1.losses
-    assert r2.retain_kl == r1.retain_kl and r2.unlikelihood == r1.unlikelihood and r2.preference == r1.preference
-    assert (None in r1.retain_kl) == (None in r1.unlikelihood) == bool(kl_weight)
-    assert len(r1.preference) == 6 * bool(kl_weight)
+    r2 = finetune(interrupted, objectives, cfg, run_dir=tmp_path, progress=False)
+    assert r2.resumed_from == 2 and r2.losses == r1.losses and r2.terms == r1.terms
+    assert set(r1.terms) == ({"nll", "retain_kl", "unlikelihood", "preference"} if all_terms else {"nll"})
+    assert (None in r1.terms.get("retain_kl", [])) == (None in r1.terms.get("unlikelihood", [])) == all_terms
     for (name, a), b in zip(straight.state_dict().items(), interrupted.state_dict().values()):
         assert torch.equal(a, b), name
     assert (tmp_path / "run.json").is_file() and (tmp_path / "losses.json").is_file()
-    # another config cannot resume from these checkpoints
+    # another config or other objectives cannot resume from these checkpoints
     with pytest.raises(MechsafeError, match="another config"):
-        finetune(make_tiny_model(), EXAMPLES, FinetuneConfig(steps=6, batch_size=4, lr=1e-3), run_dir=tmp_path,
+        finetune(make_tiny_model(), objectives, FinetuneConfig(steps=6, batch_size=4, lr=1e-3), run_dir=tmp_path,
                  progress=False)
+    with pytest.raises(MechsafeError, match="other objectives"):
+        finetune(make_tiny_model(), terms([1]), cfg, run_dir=tmp_path, progress=False)
 
 
 def test_shared_prompt_pass_equals_one_pass_per_row_in_values_and_gradients(tiny_model):
@@ -198,31 +223,47 @@ def test_reference_passes_with_shared_prompts_equal_one_pass_per_row():
 def test_sharing_prompts_trains_like_one_pass_per_row():
     """All terms on (retain, unlikelihood, preference): the two paths give the same losses and weights up to
     float summation order, and they are different configs for checkpoints."""
-    cfg = dict(steps=5, batch_size=3, lr=1e-2, targets=ALL, kl_weight=1.0, unlikelihood_weight=1.0,
-               preference_weight=1.0)
-    kw = dict(progress=False, retain=[0, 3, 5], negatives={1: "no", 2: "dog", 4: "I cannot"},
-              rejected={2: "dog", 4: "red", 5: "never mind"})
+    cfg = dict(steps=5, batch_size=3, lr=1e-2, targets=ALL)
+    objectives = terms([0, 3, 5], {1: "no", 2: "dog", 4: "I cannot"}, {2: "dog", 4: "red", 5: "never mind"})
     runs = {}
     for shared in (True, False):
         model = make_tiny_model()
-        runs[shared] = (finetune(model, EXAMPLES, FinetuneConfig(share_prompts=shared, **cfg), **kw), model)
+        runs[shared] = (finetune(model, objectives, FinetuneConfig(share_prompts=shared, **cfg), progress=False), model)
     (a, model_a), (b, model_b) = runs[True], runs[False]
-    assert a.losses != b.losses  # another arithmetic ...
-    for x, y in [(a.losses, b.losses), (a.retain_kl, b.retain_kl), (a.unlikelihood, b.unlikelihood),
-                 (a.preference, b.preference)]:
+    for x, y in [(a.losses, b.losses)] + [(a.terms[k], b.terms[k]) for k in b.terms]:
         assert len(x) == len(y) == 5
         assert all((u is None) == (v is None) for u, v in zip(x, y))
-        assert all(abs(u - v) < 1e-4 * max(1.0, abs(v)) for u, v in zip(x, y) if v is not None)  # ... the same losses
+        assert all(abs(u - v) < 1e-4 * max(1.0, abs(v)) for u, v in zip(x, y) if v is not None)
     for (name, p), q in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     assert FinetuneConfig(share_prompts=False).to_dict() != FinetuneConfig().to_dict()
 
 
+def test_lora_losses_equal_those_recorded_before_the_trainer_served_every_method():
+    """The same seeds, model and data give the recorded per-step figures (the objectives reproduce the old
+    index-keyed loss terms, in the same batches and the same order of floating-point operations)."""
+    plain = finetune(make_tiny_model(), EXAMPLES, FinetuneConfig(steps=8, batch_size=3, lr=1e-2, targets=ALL),
+                     progress=False)
+    assert plain.terms["nll"] == pytest.approx(RECORDED["plain"], rel=1e-6) and plain.losses == plain.terms["nll"]
+    both = finetune(make_tiny_model(), terms([0, 3, 5], {1: "no", 2: "dog", 4: "I cannot"},
+                                             {2: "dog", 4: "red", 5: "never mind"}),
+                    FinetuneConfig(steps=8, batch_size=3, lr=1e-2, targets=ALL), progress=False)
+    recorded = RECORDED["terms"]
+    for name, old in (("nll", "losses"), ("retain_kl", "retain_kl"), ("unlikelihood", "unlikelihood"),
+                      ("preference", "preference")):
+        assert [x is None for x in both.terms[name]] == [x is None for x in recorded[old]], name
+        for new, ref in zip(both.terms[name], recorded[old]):
+            if ref is not None:
+                assert new == pytest.approx(ref, rel=1e-5, abs=1e-9), name
+    steps = zip(*(both.terms[k] for k in ("nll", "retain_kl", "unlikelihood", "preference")))
+    assert both.losses == pytest.approx([sum(v for v in vals if v is not None) for vals in steps])
+
+
 def test_bfloat16_autocast_trains_like_float32_and_keeps_float32_state(tmp_path):
     """Mixed precision: the training forward runs bfloat16 matrix products (seen by a hook), the losses follow
     the float32 run closely, the LoRA factors stay float32, and the two precisions do not share checkpoints."""
-    kw = dict(steps=6, batch_size=3, lr=1e-2, targets=ALL, kl_weight=1.0, unlikelihood_weight=1.0)
-    terms = dict(progress=False, retain=[0, 1], negatives={2: "no"})
+    kw = dict(steps=6, batch_size=3, lr=1e-2, targets=ALL)
+    objectives = terms([0, 1], {2: "no"})
     results, dtypes = {}, {}
     for precision in ("float32", "bfloat16"):
         model = make_tiny_model()
@@ -230,8 +271,8 @@ def test_bfloat16_autocast_trains_like_float32_and_keeps_float32_state(tmp_path)
         model.blocks[0].hook_mlp_out.add_hook(lambda act, hook: seen.add(act.dtype))
         lora_dtypes = set()
         cfg = FinetuneConfig(precision=precision, merge=False, **kw)
-        results[precision] = finetune(model, EXAMPLES, cfg, callback=lambda step, m: lora_dtypes.update(
-            p.dtype for n, p in m.named_parameters() if "lora_" in n), **terms)
+        results[precision] = finetune(model, objectives, cfg, progress=False, callback=lambda step, m: lora_dtypes.update(
+            p.dtype for n, p in m.named_parameters() if "lora_" in n))
         model.reset_hooks(including_permanent=True)
         dtypes[precision] = seen
         assert lora_dtypes == {torch.float32}
@@ -244,12 +285,11 @@ def test_bfloat16_autocast_trains_like_float32_and_keeps_float32_state(tmp_path)
         logits = unembed(model, resid[0])
     assert logits.dtype == torch.float32 and torch.equal(logits, unembed(model, resid[0]))
     f32, b16 = results["float32"], results["bfloat16"]
-    assert f32.losses != b16.losses  # the precision did change the arithmetic
     assert max(abs(a - b) for a, b in zip(f32.losses, b16.losses)) < 0.05 * max(f32.losses)
     assert b16.losses[-1] < b16.losses[0]
-    finetune(make_tiny_model(), EXAMPLES, FinetuneConfig(precision="bfloat16", **kw), run_dir=tmp_path, **terms)
+    finetune(make_tiny_model(), objectives, FinetuneConfig(precision="bfloat16", **kw), run_dir=tmp_path, progress=False)
     with pytest.raises(MechsafeError, match="another config"):
-        finetune(make_tiny_model(), EXAMPLES, FinetuneConfig(**kw), run_dir=tmp_path, **terms)
+        finetune(make_tiny_model(), objectives, FinetuneConfig(**kw), run_dir=tmp_path, progress=False)
 
 
 def test_merge_equals_adapted_outputs_and_leaves_a_plain_model(tiny_model):
@@ -407,7 +447,8 @@ def test_example_order_is_a_seeded_permutation_per_epoch():
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(targets=("mlp.W_up",)), "unknown LoRA targets"),
+    (dict(targets=("mlp.W_up",)), "unknown weight kind"),
+    (dict(method="adapters"), "unknown fine-tuning method"),
     (dict(rank=0), "rank"),
     (dict(dropout=1.0), "dropout"),
     (dict(steps=3, epochs=1.0), "either steps or epochs"),
@@ -421,8 +462,10 @@ def test_config_validation(kwargs, needle):
 
 
 def test_bad_examples_and_layers(tiny_model):
-    with pytest.raises(MechsafeError, match="non-empty"):
+    with pytest.raises(MechsafeError, match="nothing to train on"):
         finetune(tiny_model, [], progress=False)
+    with pytest.raises(MechsafeError, match="non-empty"):
+        ResponseNLL([])
     with pytest.raises(MechsafeError, match="prompt, response"):
         finetune(tiny_model, [("only a prompt",)], progress=False)
     with pytest.raises(MechsafeError):
@@ -484,13 +527,13 @@ def test_retain_term_starts_at_zero_and_keeps_retained_examples_near_the_base_mo
     drift = {}
     for weight in (0.0, 20.0):
         model = make_tiny_model()
-        cfg = FinetuneConfig(steps=10, batch_size=3, lr=1e-2, kl_weight=weight, kl_top_k=8)
-        result = finetune(model, EXAMPLES, cfg, progress=False, retain=retain if weight else None)
+        cfg = FinetuneConfig(steps=10, batch_size=3, lr=1e-2)
+        result = finetune(model, terms(retain, weight=weight, top_k=8) if weight else terms(), cfg, progress=False)
         drift[weight] = _retained_kl(base_refs, model, seqs)
         if weight:
-            assert len(result.retain_kl) == 10 and abs(result.retain_kl[0]) < 1e-6  # LoRA starts as the identity
+            assert len(result.terms["retain_kl"]) == 10 and abs(result.terms["retain_kl"][0]) < 1e-6  # LoRA starts as the identity
         else:
-            assert result.retain_kl == []
+            assert "retain_kl" not in result.terms
     assert drift[20.0] < 0.5 * drift[0.0], drift
 
 
@@ -510,16 +553,36 @@ def test_retain_reference_carries_the_response_nll_the_preference_term_reuses():
         assert reused[i].ref_rejected_nll == pytest.approx(fresh[i].ref_rejected_nll, rel=1e-5)
 
 
-def test_retain_arguments_are_checked(tiny_model):
-    with pytest.raises(MechsafeError, match="needs examples to retain"):
-        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, kl_weight=1.0), progress=False)
-    with pytest.raises(MechsafeError, match="kl_weight=0"):
-        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1), progress=False, retain=[0])
-    with pytest.raises(MechsafeError, match="outside"):
-        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1, kl_weight=1.0), progress=False, retain=[6])
-    with pytest.raises(MechsafeError, match="kl_weight"):
-        FinetuneConfig(kl_weight=-1.0)
+def test_objective_arguments_are_checked(tiny_model):
+    with pytest.raises(MechsafeError, match="weight"):
+        RetainKL(EXAMPLES, weight=0.0)
+    with pytest.raises(MechsafeError, match="top_k"):
+        RetainKL(EXAMPLES, top_k=0)
+    with pytest.raises(MechsafeError, match="one negative response per example"):
+        Unlikelihood(EXAMPLES[:2], ["no"])
+    with pytest.raises(MechsafeError, match="non-empty"):
+        Unlikelihood(EXAMPLES[:1], [" "])
+    with pytest.raises(MechsafeError, match="one rejected response per example"):
+        Preference(EXAMPLES[:1], [])
+    for beta in (0.0, -1.0, float("inf")):
+        with pytest.raises(MechsafeError, match="beta"):
+            Preference(EXAMPLES[:1], ["no"], beta=beta)
+    with pytest.raises(MechsafeError, match="repeat a kind"):
+        finetune(tiny_model, [ResponseNLL(EXAMPLES[:2]), ResponseNLL(EXAMPLES[2:])], progress=False)
+    with pytest.raises(MechsafeError, match="not an objective"):
+        finetune(tiny_model, [ResponseNLL(EXAMPLES), "retain"], progress=False)
     assert not has_lora(tiny_model)
+
+
+def test_objectives_pool_shared_examples_and_keep_repeats():
+    """An example two objectives name runs once per step; an example one objective lists twice is drawn twice."""
+    model = make_tiny_model()
+    nll = ResponseNLL(EXAMPLES + [EXAMPLES[0]])
+    retain = RetainKL([EXAMPLES[0], EXAMPLES[0], EXAMPLES[2]])
+    extra = Unlikelihood([("a new prompt", "its answer")], ["no"])
+    result = finetune(model, [nll, retain, extra], FinetuneConfig(steps=1, batch_size=8), progress=False)
+    assert nll.units == [0, 1, 2, 3, 4, 5, 6] and retain.units == [0, 6, 2] and extra.units == [7]
+    assert result.steps == 1 and set(result.terms) == {"nll", "retain_kl", "unlikelihood"}
 
 
 def test_finetuned_model_saves_and_loads_with_identical_logits(hf_dir, tmp_path):
@@ -554,32 +617,13 @@ def test_unlikelihood_term_starts_at_the_hand_computed_value_and_lowers_the_nega
     end = {}
     for weight in (0.0, 5.0):
         model = make_tiny_model()
-        cfg = FinetuneConfig(steps=40, batch_size=6, lr=3e-2, unlikelihood_weight=weight)
-        result = finetune(model, EXAMPLES, cfg, progress=False, negatives=negatives if weight else None)
+        cfg = FinetuneConfig(steps=40, batch_size=6, lr=3e-2)
+        result = finetune(model, terms(negatives=negatives, weight=weight) if weight else terms(), cfg, progress=False)
         end[weight] = mean_unlikelihood(model)
         if weight:  # one batch holds every example, so step 0 sees all negatives at the untrained model
-            assert len(result.unlikelihood) == 40 and result.unlikelihood[0] == pytest.approx(expected_first, rel=1e-4)
-        else:
-            assert result.unlikelihood == []
+            assert len(result.terms["unlikelihood"]) == 40
+            assert result.terms["unlikelihood"][0] == pytest.approx(expected_first, rel=1e-4)
     assert end[0.0] > 10 * expected_first and end[5.0] < 0.75 * end[0.0], (expected_first, end)
-
-
-@pytest.mark.parametrize("arg, weight, what", [("negatives", "unlikelihood_weight", "negative"),
-                                               ("rejected", "preference_weight", "rejected")])
-def test_response_arguments_are_checked(tiny_model, arg, weight, what):
-    on = FinetuneConfig(steps=1, **{weight: 1.0})
-    with pytest.raises(MechsafeError, match=f"needs {what} responses"):
-        finetune(tiny_model, EXAMPLES, on, progress=False)
-    with pytest.raises(MechsafeError, match=f"{weight}=0"):
-        finetune(tiny_model, EXAMPLES, FinetuneConfig(steps=1), progress=False, **{arg: {0: "no"}})
-    with pytest.raises(MechsafeError, match="outside"):
-        finetune(tiny_model, EXAMPLES, on, progress=False, **{arg: {9: "no"}})
-    with pytest.raises(MechsafeError, match="non-empty"):
-        finetune(tiny_model, EXAMPLES, on, progress=False, **{arg: {0: " "}})
-    for bad in ({weight: float("nan")}, {weight: -1.0}):
-        with pytest.raises(MechsafeError, match=weight):
-            FinetuneConfig(**bad)
-    assert not has_lora(tiny_model)
 
 
 def test_dpo_loss_equals_the_hand_computed_value():
@@ -608,18 +652,102 @@ def test_preference_term_starts_at_log_two_and_widens_the_margin():
     end = {}
     for weight in (0.0, 2.0):  # (beta 0.1: with 0.5 the term saturates early and the end margins differ by seed noise)
         model = make_tiny_model()
-        cfg = FinetuneConfig(steps=30, batch_size=6, lr=3e-2, preference_weight=weight, preference_beta=0.1)
-        result = finetune(model, EXAMPLES, cfg, progress=False, rejected=rejected if weight else None)
+        cfg = FinetuneConfig(steps=30, batch_size=6, lr=3e-2)
+        result = finetune(model, terms(rejected=rejected, weight=weight) if weight else terms(), cfg, progress=False)
         end[weight] = margin(model)
         if weight:  # one batch holds every example, so step 0 sees every pair at the untrained model
-            assert len(result.preference) == 30 and result.preference[0] == pytest.approx(math.log(2), rel=1e-4)
-            assert result.preference[-1] < 0.5 * math.log(2)
-        else:
-            assert result.preference == []
+            pref = result.terms["preference"]
+            assert len(pref) == 30 and pref[0] == pytest.approx(math.log(2), rel=1e-4) and pref[-1] < 0.5 * math.log(2)
     assert end[2.0] > end[0.0] + 1, end
 
 
-def test_preference_beta_is_checked():
-    for beta in (0.0, -1.0, float("inf")):
-        with pytest.raises(MechsafeError, match="preference_beta"):
-            FinetuneConfig(preference_beta=beta)
+def test_a_frozen_mask_keeps_weights_bit_identical_under_full_training_with_weight_decay():
+    """20 steps of full fine-tuning with AdamW and weight decay: the frozen neurons (and a frozen bias) do not move
+    by a single bit, every other weight moves."""
+    model = make_tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    w_out = ms.weights.weight(model, "mlp.W_out", 1)  # [d_mlp, d_model], neurons on axis 0
+    w_in = ms.weights.weight(model, "mlp.W_in", 1)  # [d_model, d_mlp], neurons on axis 1
+    frozen = torch.zeros(w_out.n_units, dtype=torch.bool)
+    frozen[[0, 5, 17, 40]] = True
+    masks = {w_out.name: frozen[:, None], w_in.name: frozen[None, :], "blocks.0.ln1.w": torch.ones(32, dtype=torch.bool)}
+    cfg = FinetuneConfig(method="full", steps=20, batch_size=3, lr=1e-2, weight_decay=0.1)
+    result = finetune(model, EXAMPLES, cfg, grad_transform=ms.finetune.Freeze(masks), progress=False)
+    after = dict(model.named_parameters())
+    assert torch.equal(after[w_out.name][frozen], before[w_out.name][frozen])
+    assert torch.equal(after[w_in.name][:, frozen], before[w_in.name][:, frozen])
+    assert torch.equal(after["blocks.0.ln1.w"], before["blocks.0.ln1.w"])
+    assert (after[w_out.name][~frozen] != before[w_out.name][~frozen]).float().mean() > 0.99
+    moved = [n for n in before if n != "blocks.0.ln1.w" and not torch.equal(after[n], before[n])]
+    assert len(moved) == len(before) - 1  # every other parameter trained (full fine-tuning)
+    assert result.merged and result.losses[-1] < result.losses[0]
+    assert all(p.requires_grad for p in model.parameters())  # the model's flags are restored
+    # without the mask, weight decay alone would have moved the frozen entries
+    free = make_tiny_model()
+    finetune(free, EXAMPLES, cfg, progress=False)
+    assert not torch.equal(dict(free.named_parameters())[w_out.name][frozen], before[w_out.name][frozen])
+
+
+def test_a_projection_keeps_every_update_inside_its_subspace():
+    model = make_tiny_model()
+    handle = ms.weights.weight(model, "mlp.W_in", 2)  # [d_model, d_mlp]
+    basis, _ = torch.linalg.qr(torch.randn(handle.shape[0], 5, generator=torch.Generator().manual_seed(0)))
+    project = lambda x: basis @ (basis.T @ x)  # noqa: E731 - updates restricted to a 5-dim subspace of the input side
+    before = handle.parameter.detach().clone()
+    cfg = FinetuneConfig(method="selected", targets=("mlp.W_in",), layers="2", steps=20, batch_size=3, lr=1e-2,
+                         weight_decay=0.1)
+    finetune(model, EXAMPLES, cfg, grad_transform=ms.finetune.Project({handle.name: project}), progress=False)
+    delta = handle.parameter.detach() - before
+    assert float(delta.norm()) > 1e-3
+    assert float((delta - project(delta)).norm() / delta.norm()) < 1e-6
+
+
+def test_selected_weights_train_alone():
+    model = make_tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = FinetuneConfig(method="selected", targets=("mlp.W_out", "attn.W_K"), layers="1-2", steps=5, batch_size=3,
+                         lr=1e-2)
+    seen = {}
+    finetune(model, EXAMPLES, cfg, progress=False,
+             callback=lambda step, m: seen.setdefault("trainable", sorted(n for n, p in m.named_parameters()
+                                                                         if p.requires_grad)))
+    chosen = ["blocks.1.attn._W_K", "blocks.1.mlp.W_out", "blocks.2.attn._W_K", "blocks.2.mlp.W_out"]
+    assert seen["trainable"] == chosen
+    changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+    assert changed == chosen
+
+
+def test_full_training_resumes_bit_for_bit(tmp_path):
+    cfg = FinetuneConfig(method="full", steps=4, batch_size=3, lr=1e-3, checkpoint_every=2)
+    straight = make_tiny_model()
+    finetune(straight, EXAMPLES, cfg, progress=False)
+
+    def crash(step, model):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    interrupted = make_tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        finetune(interrupted, EXAMPLES, cfg, run_dir=tmp_path, callback=crash, progress=False)
+    resumed = make_tiny_model()  # a fresh process: the base weights, then the checkpoint
+    result = finetune(resumed, EXAMPLES, cfg, run_dir=tmp_path, progress=False)
+    assert result.resumed_from == 2
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    (tmp_path / "checkpoints" / "step-000004" / "trained.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(MechsafeError, match="corrupt"):
+        finetune(make_tiny_model(), EXAMPLES, cfg, run_dir=tmp_path, progress=False)
+
+
+def test_grad_transforms_are_checked(tiny_model):
+    with pytest.raises(MechsafeError, match="not trained"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(method="selected", targets=("mlp.W_in",), steps=1),
+                 grad_transform=ms.finetune.Freeze({"blocks.0.mlp.W_out": torch.ones(1, dtype=torch.bool)}),
+                 progress=False)
+    with pytest.raises(MechsafeError, match="does not fit"):
+        finetune(tiny_model, EXAMPLES, FinetuneConfig(method="selected", targets=("mlp.W_in",), steps=1),
+                 grad_transform=ms.finetune.Freeze({"blocks.0.mlp.W_in": torch.ones(3, 3, dtype=torch.bool)}),
+                 progress=False)
+    with pytest.raises(MechsafeError, match="at least one"):
+        ms.finetune.Freeze({})
+    assert all(p.requires_grad for p in tiny_model.parameters())
