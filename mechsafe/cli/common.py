@@ -10,7 +10,7 @@ from mechsafe.errors import MechsafeError
 
 def add_model_args(parser: argparse.ArgumentParser, processing: str = "none") -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="model spec: smollm2-135m-instruct, a TransformerLens name, a local HF dir, "
+                        help="model spec: smollm2-135m-instruct, smollm2-135m-aligned (built on first use), a TransformerLens name, a local HF dir, "
                              "a .gguf file or a mechsafe checkpoint (default: %(default)s)")
     parser.add_argument("--processing", default=processing, choices=("none", "fold"),
                         help="weight processing at load time (default: %(default)s)")

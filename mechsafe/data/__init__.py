@@ -193,6 +193,34 @@ def bundled(name: str) -> PromptSet:
     raise MechsafeError(f"unknown bundled suite {name!r}; choose one of {', '.join(BUNDLED_SUITES)}")
 
 
+def prompt_pool(kind: str, split: str, limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """The bundled ``harmful`` or ``harmless`` prompts of one split as dicts ``id``, ``text``, ``form``.
+
+    With ``limit``, a seeded subset balanced over the forms (question, instruction): each form gets
+    ``limit // n_forms`` prompts, the first ``limit % n_forms`` forms (sorted) one more.
+    """
+    if kind not in ("harmful", "harmless"):
+        raise MechsafeError(f"unknown prompt pool {kind!r}; use 'harmful' or 'harmless'")
+    if split not in SPLITS:
+        raise MechsafeError(f"unknown split {split!r}; use {', '.join(SPLITS)}")
+    pool = _pool(kind)
+    rows = [{"id": i, "text": t, "form": f} for i, t, f, s in zip(pool.ids, pool.texts, pool.meta["forms"], pool.splits)
+            if s == split]
+    if limit is None or limit >= len(rows):
+        return rows
+    rng = np.random.default_rng(seed)
+    by_form: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        by_form.setdefault(r["form"], []).append(r)
+    picked: list[dict[str, str]] = []
+    forms = sorted(by_form)
+    for k, form in enumerate(forms):
+        n = limit // len(forms) + (1 if k < limit % len(forms) else 0)
+        members = by_form[form]
+        picked += [members[i] for i in sorted(rng.permutation(len(members))[:n])]
+    return picked
+
+
 def refusals() -> list[str]:
     """Bundled refusal responses (teacher-forcing targets for harmful prompts)."""
     return [r["text"] for r in _read_suite("refusals.jsonl")]

@@ -69,7 +69,7 @@ def test_confirmation_prompts_are_fresh():
 
 
 def test_twin_prompts_are_twins_of_harmful_train_prompts_in_the_same_form():
-    from mechsafe.align import pool_prompts
+    from mechsafe.data import prompt_pool as pool_prompts
 
     train_form = {r["id"]: r["form"] for r in pool_prompts("harmful", "train")}
     twins = ms.data.twin_prompts()
