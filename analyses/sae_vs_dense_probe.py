@@ -171,12 +171,10 @@ def main(argv=None) -> int:
         lines.append(f"| {r.method} | {r.val['auroc']:.3f} | {r.test['auroc']} | {r.test['accuracy']} | "
                      f"{f1 if f1 is not None else 'n/a'} | {r.c if r.c is not None else '-'} |")
     lines += ["", "## Paired comparisons (test AUROC, a − b)", "",
-              "`bench verdict` compares the two marginal intervals (probe-bench's rule); `paired` says whether the "
-              "paired bootstrap interval of the difference excludes 0.", "",
-              "| a | b | difference (paired 95% CI) | bench verdict | paired |", "|---|---|---|---|---|"]
+              "The verdict is the paired bootstrap interval's: `better` above 0, `worse` below 0, `tie` holding 0.", "",
+              "| a | b | difference (paired 95% CI) | verdict |", "|---|---|---|---|"]
     for c in bench.comparisons:
-        paired = "a > b" if c.difference.low > 0 else ("a < b" if c.difference.high < 0 else "includes 0")
-        lines.append(f"| {c.a} | {c.b} | {c.difference} | {c.verdict} | {paired} |")
+        lines.append(f"| {c.a} | {c.b} | {c.difference} | {c.verdict} |")
     lines += ["", "## Latents the k-sparse probes picked (on training rows)", "",
               "Top activations are searched in the training prompts only; the logit effect is the latent's decoder "
               "direction through the final norm scale and the unembedding (its direct effect).", ""]

@@ -1,4 +1,9 @@
-"""Bootstrap confidence intervals shared by every metric mechsafe reports."""
+"""Confidence intervals shared by every metric mechsafe reports.
+
+Proportions (refusal rates, over-refusal, accuracy) get the Wilson score interval, which stays honest at 0 or n
+successes (0 of 60 gives [0, 0.060], where a percentile bootstrap gives the degenerate [0, 0]); every other
+metric (AUROC, NLL ratios, differences) gets the percentile bootstrap.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """A point estimate with a percentile-bootstrap confidence interval."""
+    """A point estimate with a confidence interval."""
 
     value: float
     """The metric on the full sample."""
@@ -63,14 +68,30 @@ def bootstrap(metric: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1
     return Estimate(value, float(low), float(high), level)
 
 
-def proportion(flags: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Estimate:
-    """Mean of a boolean array (a rate) with its bootstrap interval."""
-    return bootstrap(lambda f: float(np.mean(f)), np.asarray(flags, dtype=float), n_boot=n_boot, level=level, seed=seed)
+def proportion(flags, level: float = 0.95) -> Estimate:
+    """Mean of a boolean array (a rate) with its Wilson score interval (Wilson, 1927).
+
+    With ``k`` of ``n`` flags set, ``p = k / n`` and ``z`` the normal quantile of ``(1 + level) / 2``, the bounds are
+    ``(p + z²/2n ± z·sqrt(p(1 − p)/n + z²/4n²)) / (1 + z²/n)``: never outside [0, 1], and not degenerate at 0 or n.
+    """
+    from scipy.stats import norm
+
+    flags = np.asarray(flags, dtype=float)
+    n = len(flags)
+    if n == 0:
+        raise ValueError("cannot estimate a proportion of an empty sample")
+    p = float(flags.mean())
+    z = float(norm.ppf((1 + level) / 2))
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if p == 0 else max(0.0, float(centre - half))  # exactly 0 and 1 at the ends, without rounding
+    high = 1.0 if p == 1 else min(1.0, float(centre + half))
+    return Estimate(p, low, high, level)
 
 
-def proportions_by(flags, groups, seed: int = 0) -> dict[str, dict[str, float]]:
+def proportions_by(flags, groups) -> dict[str, dict[str, float]]:
     """The rate of ``flags`` within each group (a label per flag), sorted by group: :func:`proportion`'s
     estimate as a dict plus ``n``, the group's size."""
     flags, groups = np.asarray(flags, dtype=float), np.asarray(groups)
-    return {str(g): proportion(flags[groups == g], seed=seed).to_dict() | {"n": int((groups == g).sum())}
+    return {str(g): proportion(flags[groups == g]).to_dict() | {"n": int((groups == g).sum())}
             for g in sorted(set(groups.tolist()))}

@@ -30,8 +30,8 @@ def evaluate_pair(base, aligned, config: AlignConfig, progress: bool = True) -> 
         flags_h = [s["refused"] for s in res.samples if s["set"] == "harmful"]
         flags_s = [s["refused"] for s in res.samples if s["set"] == "harmless"]
         out[name] = res.to_dict(samples=True) | {
-            "refusal_by_form": proportions_by(flags_h, [p["form"] for p in harmful], config.seed),
-            "over_refusal_by_form": proportions_by(flags_s, [p["form"] for p in harmless], config.seed),
+            "refusal_by_form": proportions_by(flags_h, [p["form"] for p in harmful]),
+            "over_refusal_by_form": proportions_by(flags_s, [p["form"] for p in harmless]),
             "seconds": round(time.perf_counter() - t0, 1),
         }
     # NLL of the base model's own answers to the held-out harmless prompts, under both models
@@ -68,7 +68,7 @@ def report_markdown(evaluation: dict[str, Any], mix: dict[str, Any], timings: di
     if nll:
         lines.append(f"| NLL of base answers to held-out harmless prompts (n={nll['n']}) | {nll['base']:.3f} | "
                      f"{nll['aligned']:.3f} (change {_fmt(nll['change'])}) |")
-    lines += ["", f"n harmful = {a['n_harmful']}, n harmless = {a['n_harmless']}; intervals: 95% bootstrap.", "",
+    lines += ["", f"n harmful = {a['n_harmful']}, n harmless = {a['n_harmless']}; intervals: 95% (Wilson for rates, bootstrap otherwise).", "",
               "Training mix: " + ", ".join(f"{k}={v}" for k, v in mix.items()), "",
               "Timings (s): " + ", ".join(f"{k}={v:.0f}" for k, v in timings.items()), ""]
     return "\n".join(lines)

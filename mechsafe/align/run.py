@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import logging
@@ -25,7 +26,8 @@ ALIGNED_SPEC = "smollm2-135m-aligned"
 _PACKAGE = Path(__file__).resolve().parent.parent
 _TRAINING_CODE = ("align/config.py", "align/data.py", "align/run.py", "finetune", "forward.py", "chat.py", "weights.py",
                   "evaluation/generation.py", "evaluation/refusal.py", "data/__init__.py", "data/suites")
-"""The package files that decide the aligned weights (their contents key the cached model)."""
+"""The package files that decide the aligned weights: their code (docstrings and comments left out) and data key
+the cached model."""
 
 
 @dataclasses.dataclass
@@ -93,15 +95,29 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     return AlignResult(model_path=out, run_dir=run_dir, evaluation=evaluation, report=report, losses=result.losses)
 
 
+def _code(path: Path) -> bytes:
+    """A Python file's syntax tree without docstrings (so documentation edits keep the cache), or a data file's bytes."""
+    if path.suffix != ".py":
+        return path.read_bytes()
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
+
+
 def code_fingerprint() -> str:
-    """Hash of the package files that decide the aligned weights (:data:`_TRAINING_CODE`)."""
+    """Hash of the code and data that decide the aligned weights (:data:`_TRAINING_CODE`; docstrings and comments
+    do not count)."""
     h = hashlib.sha256()
     for rel in _TRAINING_CODE:
         path = _PACKAGE / rel
         files = sorted(p for p in path.rglob("*") if p.suffix in (".py", ".jsonl")) if path.is_dir() else [path]
         for f in files:
             h.update(str(f.relative_to(_PACKAGE)).encode())
-            h.update(f.read_bytes())
+            h.update(_code(f))
     return h.hexdigest()[:16]
 
 

@@ -201,9 +201,9 @@ def evaluate(model: HookedTransformer, harmful: Sequence[str], harmless: Sequenc
 
     harmful_flags = run_set("harmful", harmful)
     harmless_flags = run_set("harmless", harmless)
-    refusal = proportion(harmful_flags, seed=seed)
-    asr = proportion(~harmful_flags, seed=seed)
-    over = proportion(harmless_flags, seed=seed)
+    refusal = proportion(harmful_flags)
+    asr = proportion(~harmful_flags)
+    over = proportion(harmless_flags)
 
     accuracy = nll = None
     if utility:
@@ -219,7 +219,7 @@ def evaluate(model: HookedTransformer, harmful: Sequence[str], harmless: Sequenc
             correct.append(ok)
             samples.append({"set": "math", "prompt": q, "response": a, "refused": bool(refusal_flags([a])[0]),
                             "answer": p["answer"], "correct": ok})
-        accuracy = proportion(np.array(correct, dtype=bool), seed=seed)
+        accuracy = proportion(np.array(correct, dtype=bool))
         timings["utility_math"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         items = record_split(instructions(), "test")[:utility_limit]

@@ -53,7 +53,7 @@ def reference_topk(model: HookedTransformer, seqs: Sequence[TeacherForced], k: i
 
     ``alternatives[j]``, when given and not ``None``, is another response after the prompt of ``seqs[j]`` (its
     rejected response): it runs in the same pass from the prompt's cached keys and values
-    (:func:`~mechsafe.finetune.sequences.shared_prompt_resid`, as does the whole pass then), and its response
+    (:func:`~mechsafe.forward.shared_prompt_resid`, as does the whole pass then), and its response
     NLL is kept as ``alternative_nll``."""
     k = min(k, model.cfg.d_vocab)
     pad = chat.pad_id(model.tokenizer)

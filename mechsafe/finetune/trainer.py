@@ -129,25 +129,25 @@ def _pool(objectives: list[Objective], tokenizer, config: FinetuneConfig, system
     example within one objective stays repeated), bind each objective to its pooled examples, return their sequences."""
     pooled: list[tuple] = []
     where: dict[tuple, list[int]] = {}
+    units: list[list[int]] = []
     for obj in objectives:
         used: dict[tuple, int] = {}
-        units = []
+        units.append([])
         for ex in obj.examples:
             k = used.get(ex, 0)
             copies = where.setdefault(ex, [])
             if k == len(copies):
                 copies.append(len(pooled))
                 pooled.append(ex)
-            units.append(copies[k])
+            units[-1].append(copies[k])
             used[ex] = k + 1
-        obj.units = units
     seqs = encode_examples(tokenizer, pooled, max_length=config.max_length, system=system)
-    for obj in objectives:
+    for obj, own in zip(objectives, units):
         alts = []
         if obj.alternatives is not None:
             alts = encode_examples(tokenizer, [(ex[0], text, False, ex[3]) for ex, text in zip(obj.examples, obj.alternatives)],
                                    max_length=config.max_length, system=system)
-        obj.bind(obj.units, [seqs[u] for u in obj.units], alts)
+        obj.bind(own, [seqs[u] for u in own], alts)
     return seqs
 
 

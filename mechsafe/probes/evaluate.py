@@ -73,7 +73,9 @@ class Comparison:
     difference: Estimate
     """``a - b`` with a paired bootstrap interval (same resampled prompts for both)."""
     verdict: str
-    """``better`` (a's interval lies above b's), ``worse`` (below), or ``overlap``."""
+    """From the paired difference's interval: ``better`` (it lies above 0), ``worse`` (below 0) or ``tie`` (it holds 0).
+    Two methods scored on the same prompts are compared by their paired difference, never by whether their marginal
+    intervals overlap (which would miss differences the pairing resolves)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b, "metric": self.metric, "a_value": self.a_value.to_dict(),
@@ -130,16 +132,10 @@ def label(result: CandidateResult) -> str:
 
 def compare(a: CandidateResult, b: CandidateResult, y_test: np.ndarray, metric: str = "auroc", *,
             n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Comparison:
-    """Compare two candidates on the test rows: their intervals, and a paired difference."""
-    ea, eb = a.test[metric], b.test[metric]
-    if ea.low > eb.high:
-        verdict = "better"
-    elif ea.high < eb.low:
-        verdict = "worse"
-    else:
-        verdict = "overlap"
+    """Compare two candidates on the test rows: their intervals, and the verdict of their paired difference."""
     diff = paired_difference(metric, y_test, a.test_proba, b.test_proba, n_boot=n_boot, level=level, seed=seed)
-    return Comparison(label(a), label(b), metric, ea, eb, diff, verdict)
+    verdict = "better" if diff.low > 0 else "worse" if diff.high < 0 else "tie"
+    return Comparison(label(a), label(b), metric, a.test[metric], b.test[metric], diff, verdict)
 
 
 def best_overall(best: dict[str, CandidateResult], select_by: str = "auroc",

@@ -53,23 +53,23 @@ def comparison_sentence(c: Comparison) -> str:
     a, b, m = c.a, c.b, METRIC_NAMES[c.metric]
     if b.startswith("tfidf"):
         if c.verdict == "better":
-            return (f"**{a} beats the TF-IDF baseline.** Its test {m} {_est(c.a_value)} lies entirely above "
-                    f"TF-IDF's {_est(c.b_value)} ({paired}): the activations separate the classes better than "
-                    "the prompt's words alone.")
+            return (f"**{a} beats the TF-IDF baseline.** Test {m} {_est(c.a_value)} against TF-IDF's "
+                    f"{_est(c.b_value)} ({paired}): the activations separate the classes better than the prompt's "
+                    "words alone.")
         if c.verdict == "worse":
-            return (f"**{a} is worse than the TF-IDF baseline.** Its test {m} {_est(c.a_value)} lies below "
-                    f"TF-IDF's {_est(c.b_value)} ({paired}): the words alone separate the classes better, so this "
-                    "probe is not evidence of a representation.")
-        return (f"**{a} does not beat the TF-IDF baseline.** Its test {m} {_est(c.a_value)} and TF-IDF's "
-                f"{_est(c.b_value)} have overlapping intervals ({paired}). On this data a probe at this level "
-                "is not evidence of a representation beyond the surface words.")
+            return (f"**{a} is worse than the TF-IDF baseline.** Test {m} {_est(c.a_value)} against TF-IDF's "
+                    f"{_est(c.b_value)} ({paired}): the words alone separate the classes better, so this probe is "
+                    "not evidence of a representation.")
+        return (f"**{a} does not beat the TF-IDF baseline.** Test {m} {_est(c.a_value)} against TF-IDF's "
+                f"{_est(c.b_value)} ({paired}). On this data a probe at this level is not evidence of a "
+                "representation beyond the surface words.")
     if b.startswith("majority"):
         if c.verdict == "better":
             return (f"{a} beats the majority-class baseline: test {m} {_est(c.a_value)} against "
                     f"{_est(c.b_value)}.")
         return (f"{a} does not beat the majority-class baseline (test {m} {_est(c.a_value)} against "
                 f"{_est(c.b_value)}): it has learned nothing usable.")
-    word = {"better": "beats", "worse": "is worse than", "overlap": "is not distinguishable from"}[c.verdict]
+    word = {"better": "beats", "worse": "is worse than", "tie": "is not distinguishable from"}[c.verdict]
     return f"{a} {word} {b}: test {m} {_est(c.a_value)} against {_est(c.b_value)} ({paired})."
 
 
@@ -128,8 +128,9 @@ def render_markdown(result: "BenchResult") -> str:
     else:
         out.append("- No comparison: the run has no model-based method or no baseline.")
     out.append("")
-    out.append("Rule: a method *beats* another when its interval lies entirely above the other's; overlapping "
-               "intervals mean this data cannot tell them apart.")
+    out.append("Rule: both methods are scored on the same test prompts, so a method *beats* another when the "
+               "paired bootstrap interval of their difference lies above 0; an interval holding 0 means this data "
+               "cannot tell them apart.")
     out += ["", "## All layers", ""]
     out.append(f"| method | layer | val AUROC | test AUROC [{lvl}% CI] | test accuracy [{lvl}% CI] | "
                f"test {f1n} [{lvl}% CI] | C |")

@@ -205,3 +205,16 @@ def test_the_aligned_spec_is_built_once_then_loaded_from_the_cache(hf_dir, tmp_p
     # another recipe is another cache entry
     assert al.run.code_fingerprint() == al.run.code_fingerprint()
     assert json.dumps(tiny.to_dict()) != json.dumps(al.AlignConfig().to_dict())
+
+
+def test_the_code_fingerprint_ignores_documentation_and_follows_code(tmp_path):
+    from mechsafe.align.run import _code
+
+    a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
+    a.write_text('"""Module."""\n\ndef f(x):\n    """Double."""\n    return 2 * x  # twice\n')
+    b.write_text('"""Another text."""\n\n\ndef f(x):\n    """Twice x."""\n\n    return 2 * x\n')
+    c.write_text('"""Module."""\n\ndef f(x):\n    """Double."""\n    return 3 * x\n')
+    assert _code(a) == _code(b) != _code(c)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    assert _code(data) == data.read_bytes()

@@ -82,3 +82,25 @@ def test_paired_difference_of_identical_predictions_is_zero():
     proba = _binary(rng.random(50))
     d = M.paired_difference("auroc", y, proba, proba, n_boot=100)
     assert (d.value, d.low, d.high) == (0.0, 0.0, 0.0)
+
+
+def test_verdicts_come_from_the_paired_difference_not_from_overlapping_intervals():
+    """b is a's scores plus prompt-level noise: the marginal intervals overlap, the paired difference does not."""
+    from mechsafe.probes.evaluate import CandidateResult, compare
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 60 + [1] * 60)
+    signal = y + rng.normal(0, 0.9, len(y))
+    a = 1 / (1 + np.exp(-signal))
+    b = 1 / (1 + np.exp(-(signal + rng.normal(0, 1.0, len(y)))))
+
+    def result(name, p):
+        proba = np.stack([1 - p, p], 1)
+        return CandidateResult(method=name, layer=None, pooling=None, c=None, val={},
+                               test=M.metrics_with_ci(y, proba, seed=0), confusion=[], fit_seconds=0.0, test_proba=proba)
+
+    ra, rb = result("a", a), result("b", b)
+    c = compare(ra, rb, y)
+    assert ra.test["auroc"].low < rb.test["auroc"].high  # the marginal intervals overlap ...
+    assert c.difference.low > 0 and c.verdict == "better"  # ... the paired difference excludes 0
+    assert compare(rb, ra, y).verdict == "worse" and compare(ra, ra, y).verdict == "tie"
