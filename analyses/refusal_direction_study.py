@@ -1,7 +1,7 @@
 """Refusal-direction study (Arditi et al., 2024) on one model, end to end, with mechsafe's public API.
 
-1. Evaluate the base model and the studied model (by default the safety-tuned checkpoint at
-   ``runs/aligned/model`` when it exists, else the base model) on held-out TEST prompts.
+1. Evaluate the base model and the studied model (by default the safety-tuned test model
+   ``smollm2-135m-aligned``, built on first use) on held-out TEST prompts.
 2. Select the refusal direction of the studied model (difference in means on TRAIN prompts,
    Arditi et al.'s selection on VALIDATION prompts), or reuse a saved selection (``--direction``).
 3. On the TEST prompts measure: the harmful refusal rate with the direction ablated (target ≤ 20%),
@@ -13,7 +13,7 @@
 Writes ``report.md``, ``results.json``, ``samples.json`` (every intervention's responses), the direction, its
 plot and ``run.json`` into one run directory.
 
-    python analyses/refusal_direction_study.py --model runs/aligned/model --layer-step 1
+    python analyses/refusal_direction_study.py --layer-step 1
     python analyses/refusal_direction_study.py --direction runs/refusal-direction-study-<time>/direction
 """
 
@@ -24,7 +24,6 @@ import contextlib
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,12 +36,11 @@ from mechsafe.errors import MechsafeError
 from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
 from mechsafe.stats import Estimate, bootstrap, proportion
 
-ALIGNED = Path("runs/aligned/model")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help=f"studied model (default: {ALIGNED} if it exists, else the base model)")
+    p.add_argument("--model", default="smollm2-135m-aligned", help="studied model (default: %(default)s)")
     p.add_argument("--base", default=ms.DEFAULT_MODEL, help="base model for comparison (default: %(default)s)")
     p.add_argument("--limit", type=int, help="first N test prompts of each set (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response (default: %(default)s)")
@@ -75,7 +73,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = args.model or (str(ALIGNED) if (ALIGNED / "mechsafe_model.json").is_file() else args.base)
+    spec = args.model
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     base = ms.load_model(args.base)

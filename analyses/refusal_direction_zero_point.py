@@ -22,7 +22,7 @@ the layer cutoff):
 
 Writes ``report.md``, ``results.json`` and ``run.json`` into ``runs/refusal-zero-point-<time>/``.
 
-    python analyses/refusal_direction_zero_point.py --model runs/aligned/model \\
+    python analyses/refusal_direction_zero_point.py --model smollm2-135m-aligned \\
         --direction runs/refusal-direction-study-<time>/direction
 """
 
@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import sys
 import time
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -42,7 +41,6 @@ from mechsafe import interventions as iv
 from mechsafe.directions import RefusalDirection, mean_activations
 from mechsafe.errors import MechsafeError
 from mechsafe.evaluation import prompt_last_logits, refusal_token_ids, score_from_logits
-from mechsafe.hooks import hook_name
 from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
 
 
@@ -76,37 +74,8 @@ def _candidates(rd: RefusalDirection, spec: str | None) -> list[dict]:
     return [chosen] if strongest is chosen else [chosen, strongest]
 
 
-def residual_points(model) -> list[str]:
-    """Where the stream is read: each block's attention input and MLP input, then the final residual."""
-    n = model.cfg.n_layers
-    return ([hook_name(model, kind, layer) for layer in range(n) for kind in ("resid_pre", "resid_mid")]
-            + [hook_name(model, "resid_post", n - 1)])
-
-
-@contextlib.contextmanager
-def affine_ablation(model, direction: torch.Tensor, reference: torch.Tensor) -> Iterator:
-    """``x ← x − (x·r̂ − c) r̂`` at each of :func:`residual_points`, ``c`` the matching ``reference`` entry.
-
-    Every sublayer then reads the reference component, whatever was written along r̂ before it; with
-    a ``reference`` of zeros this is the paper's directional ablation.
-    """
-    r_hat = direction / direction.norm()
-    names = residual_points(model)
-    if reference.shape != (len(names),):
-        raise MechsafeError(f"reference has shape {tuple(reference.shape)}; pass one value per point ({len(names)})")
-
-    def make(c: float):
-        def fn(x: torch.Tensor, hook=None):
-            r = r_hat.to(device=x.device, dtype=x.dtype)
-            return x - ((x @ r) - c).unsqueeze(-1) * r
-        return fn
-
-    with iv.hooked(model, [(name, make(float(c))) for name, c in zip(names, reference)]):
-        yield model
-
-
 def last_position_means(model, prompts: list[str], batch_size: int, system: str | None) -> torch.Tensor:
-    """Mean activation at the last prompt position at each of :func:`residual_points` (float64)."""
+    """Mean activation at the last prompt position at each of :func:`mechsafe.interventions.residual_read_points` (float64)."""
     n = model.cfg.n_layers
     pre, mid = (mean_activations(model, prompts, 1, list(range(n)), batch_size, system, kind=kind)[0]
                 for kind in ("resid_pre", "resid_mid"))
@@ -150,14 +119,14 @@ def main(argv=None) -> int:
     means = {name: last_position_means(model, pool.split("train").texts, args.batch_size, system)
              for name, pool in (("harmful", harmful), ("harmless", harmless))}
     results = {"model": args.model, "direction": args.direction, "n_val": {"harmful": len(hv), "harmless": len(lv)},
-               "points": residual_points(model), "no_intervention": scores(contextlib.nullcontext()), "candidates": []}
+               "points": iv.residual_read_points(model), "no_intervention": scores(contextlib.nullcontext()), "candidates": []}
     for cand in cands:
         r = rd.candidates[tuple(cand["index"])]
         proj = {name: (m @ (r / r.norm()).double()).float() for name, m in means.items()}
         entry = {"layer": cand["layer"], "position": cand["position"], "selection_scores": cand,
                  "train_projection_last_position": {k: v.tolist() for k, v in proj.items()},
                  "zero": scores(iv.ablate_direction(model, r)),
-                 "affine": scores(affine_ablation(model, r, proj["harmless"]))}
+                 "affine": scores(iv.affine_ablation(model, r, proj["harmless"]))}
         results["candidates"].append(entry)
         print(f"layer {cand['layer']}, position {cand['position']}: zero {entry['zero']}, affine {entry['affine']}",
               flush=True)

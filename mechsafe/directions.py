@@ -236,9 +236,10 @@ def sink_basis(model: HookedTransformer, prompt: str, system: str | None = None)
     return vh[sv > sv[0] * 1e-7].T.float()
 
 
-def _class_rows(logits: torch.Tensor, token_ids: list[int], kind: str, split: str) -> list[int]:
+def _class_rows(logits: torch.Tensor, token_ids: list[int], kind: str, split: str,
+                fix: str | None = None) -> list[int]:
     """Rows (of last-position ``logits``) of the prompts the model treats as their class: refusal score above 0
-    (harmful) or below 0 (harmless)."""
+    (harmful) or below 0 (harmless); ``fix`` is what the error tells the user to switch off."""
     scores = score_from_logits(logits, token_ids)
     keep = scores > 0 if kind == "harmful" else scores < 0
     rows = np.flatnonzero(keep).tolist()
@@ -246,8 +247,36 @@ def _class_rows(logits: torch.Tensor, token_ids: list[int], kind: str, split: st
         what = "refuses none" if kind == "harmful" else "refuses every one"
         raise MechsafeError(f"the model {what} of the {len(scores)} {kind} {split.upper()} prompts (refusal score "
                             f"{'> 0' if kind == 'harmful' else '< 0'} for none), so filtering leaves none; "
-                            f"pass filter_{split}=False (CLI: --no-filter-{split})")
+                            f"pass {fix or f'filter_{split}=False (CLI: --no-filter-{split})'}")
     return rows
+
+
+def difference_in_means(model: HookedTransformer, harmful: Any, harmless: Any, layer: int, position: int = -1, *,
+                        filter_prompts: bool = True, orthogonal_to_sink: bool = True, batch_size: int = 16,
+                        system: str | None = None,
+                        refusal_words: Sequence[str] = REFUSAL_START_WORDS) -> Float[torch.Tensor, " d_model"]:
+    """One difference-in-means direction, ``mean harmful − mean harmless`` at ``resid_pre`` of ``layer`` and
+    post-instruction ``position`` (−1: the last prompt token), without the selection sweep.
+
+    As in :func:`select_refusal_direction`: with ``filter_prompts`` the means use only the prompts the model treats as
+    their class (refusal score above 0 for harmful, below 0 for harmless), and with ``orthogonal_to_sink`` the
+    direction is projected off what the first position writes into the stream (:func:`sink_basis`).
+    """
+    harmful, harmless = _texts(harmful), _texts(harmless)
+    (layer,) = parse_layers(int(layer), model.cfg.n_layers)
+    n_post = post_instruction_positions(model.tokenizer, harmful + harmless, system)
+    if not -n_post <= position <= -1:
+        raise MechsafeError(f"position {position} is not a post-instruction position; use -1 … -{n_post}")
+    if filter_prompts:
+        token_ids = refusal_token_ids(model.tokenizer, refusal_words)
+        harmful, harmless = ([p[i] for i in _class_rows(prompt_last_logits(model, p, batch_size=batch_size, system=system),
+                                                        token_ids, kind, "given", fix="filter_prompts=False")]
+                             for p, kind in ((harmful, "harmful"), (harmless, "harmless")))
+    direction = candidate_directions(model, harmful, harmless, -position, [layer], batch_size, system)[0, 0]
+    if orthogonal_to_sink:
+        basis = sink_basis(model, harmful[0], system)
+        direction = direction - basis @ (basis.T @ direction)
+    return direction
 
 
 def _last_position_kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:

@@ -121,6 +121,38 @@ def ablate_direction(model: HookedTransformer, direction: torch.Tensor,
         yield model
 
 
+def residual_read_points(model: HookedTransformer) -> list[str]:
+    """Where the residual stream is read: each block's attention input (``resid_pre``) and MLP input (``resid_mid``),
+    then the final residual (``resid_post`` of the last block)."""
+    n = model.cfg.n_layers
+    return ([name for layer in range(n) for name in (hook_names(model, "resid_pre", layer)[0],
+                                                    hook_names(model, "resid_mid", layer)[0])]
+            + hook_names(model, "resid_post", n - 1))
+
+
+@contextlib.contextmanager
+def affine_ablation(model: HookedTransformer, direction: torch.Tensor,
+                    reference: Float[torch.Tensor, " n_points"]) -> Iterator[HookedTransformer]:
+    """Affine ablation (the projection part of affine concept editing, Marshall et al., 2024): ``x ← x − (x·r̂ − c) r̂``
+    at each of :func:`residual_read_points`, ``c`` the matching ``reference`` entry (e.g. the mean component of harmless
+    prompts there). Every sublayer then reads the reference component, whatever was written along r̂ before it; with a
+    ``reference`` of zeros this computes what :func:`ablate_direction` computes."""
+    r_hat = _unit(direction, model.cfg.d_model)
+    names = residual_read_points(model)
+    reference = torch.as_tensor(reference, dtype=torch.float64)
+    if reference.shape != (len(names),):
+        raise MechsafeError(f"reference has shape {tuple(reference.shape)}; pass one value per read point ({len(names)})")
+
+    def make(c: float):
+        def fn(x: Float[torch.Tensor, "batch pos d_model"], hook=None):
+            r = r_hat.to(device=x.device, dtype=x.dtype)
+            return x - ((x @ r) - c).unsqueeze(-1) * r
+        return fn
+
+    with hooked(model, [(name, make(float(c))) for name, c in zip(names, reference)]):
+        yield model
+
+
 @contextlib.contextmanager
 def steer(model: HookedTransformer, vector: torch.Tensor, layers: str | int | Sequence[int],
           coeff: float = 1.0, positions: int | Sequence[int] | None = None,

@@ -89,6 +89,15 @@ def proportion(flags, level: float = 0.95) -> Estimate:
     return Estimate(p, low, high, level)
 
 
+def paired_rate_difference(flags_a, flags_b, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """``mean(flags_a) - mean(flags_b)`` for two sets of flags on the same items, with a paired bootstrap interval
+    (items resampled together), the interval that decides whether two models differ on the same prompts."""
+    a, b = np.asarray(flags_a, dtype=float), np.asarray(flags_b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired flags need the same items ({a.shape} vs {b.shape})")
+    return bootstrap(lambda x, y: float(x.mean() - y.mean()), a, b, n_boot=n_boot, level=level, seed=seed)
+
+
 def proportions_by(flags, groups) -> dict[str, dict[str, float]]:
     """The rate of ``flags`` within each group (a label per flag), sorted by group: :func:`proportion`'s
     estimate as a dict plus ``n``, the group's size."""

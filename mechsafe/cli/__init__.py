@@ -20,6 +20,7 @@ SUBCOMMANDS = (
     "mechsafe.cli.evaluate",
     "mechsafe.cli.refusal_direction",
     "mechsafe.cli.align",
+    "mechsafe.cli.data",
 )
 """Modules defining subcommands; each has ``register(subparsers)`` that sets ``func``."""
 

@@ -12,11 +12,18 @@ from mechsafe.cli.common import add_model_args, add_runs_arg
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="safety and utility evaluation on held-out harmful/harmless prompts")
     add_model_args(p)
+    p.add_argument("--models", nargs="+", metavar="SPEC",
+                   help="evaluate several models on the same prompts, with paired differences against the first "
+                        "(instead of --model)")
     p.add_argument("--reference", help="reference model spec: adds KL(reference || model) on harmless prompts")
-    p.add_argument("--harmful", default="harmful", help="harmful prompts: bundled suite or local file (default: %(default)s)")
-    p.add_argument("--harmless", default="harmless", help="harmless prompts: bundled suite or local file (default: %(default)s)")
+    for kind in ("harmful", "harmless"):
+        p.add_argument(f"--{kind}", default=kind,
+                       help=f"{kind} prompts: a bundled suite, a hub dataset, or a local .jsonl/.csv/.parquet file with a "
+                            "text column and no labels needed (default: %(default)s)")
+        p.add_argument(f"--{kind}-text-column", metavar="COLUMN", help=f"text column of the {kind} file (default: text)")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
-                   help="which split of the prompt sets to use (default: %(default)s)")
+                   help="split of a bundled suite, or of a file with a split column; a file without one is used whole "
+                        "(default: %(default)s)")
     p.add_argument("--limit", type=int, help="use only the first N prompts of each set (and N utility items)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per response (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default: %(default)s)")
@@ -29,16 +36,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _prompts(source: str, split: str, limit: int | None) -> list[str]:
-    import mechsafe as ms
+def _paired_table(results: list, seed: int) -> tuple[str, list[dict]]:
+    """Each model against the first on the same prompts: paired differences of refusal and over-refusal."""
+    from mechsafe.stats import paired_rate_difference
 
-    ps = ms.data.load(source)
-    if split != "all":
-        ps = ps.split(split)
-    texts = list(ps.texts)[:limit]
-    if not texts:
-        raise ms.MechsafeError(f"{source} has no prompts in split {split!r}; pick another --split")
-    return texts
+    def flags(result, which):
+        return [s["refused"] for s in result.samples if s["set"] == which]
+
+    first = results[0]
+    rows = ["| model | vs | refusal rate difference [95% CI] | over-refusal difference [95% CI] |", "|---|---|---|---|"]
+    out = []
+    for r in results[1:]:
+        d_ref = paired_rate_difference(flags(r, "harmful"), flags(first, "harmful"), seed=seed)
+        d_over = paired_rate_difference(flags(r, "harmless"), flags(first, "harmless"), seed=seed)
+        rows.append(f"| {r.model} | {first.model} | {d_ref} | {d_over} |")
+        out.append({"model": r.model, "vs": first.model, "refusal_rate_difference": d_ref.to_dict(),
+                    "over_refusal_difference": d_over.to_dict()})
+    return "\n".join(rows) + "\n", out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,38 +64,50 @@ def run(args: argparse.Namespace) -> int:
         raise ms.MechsafeError(f"--limit must be at least 1, got {args.limit}")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise ms.MechsafeError("--max-new-tokens and --batch-size must be at least 1")
-    harmful = _prompts(args.harmful, args.split, args.limit)
-    harmless = _prompts(args.harmless, args.split, args.limit)
+    sets = {}
+    for kind in ("harmful", "harmless"):
+        texts, where = ms.data.load_texts(getattr(args, kind), args.split, getattr(args, f"{kind}_text_column"))
+        sets[kind] = texts[:args.limit]
+        print(f"{kind}: {where}" + (f", first {len(sets[kind])} used" if len(sets[kind]) < len(texts) else ""))
+    specs = args.models or [args.model]
     t0 = time.perf_counter()
-    model = ms.load_model(args.model, processing=args.processing, device=args.device)
+    models = [ms.load_model(spec, processing=args.processing, device=args.device) for spec in specs]
     reference = ms.load_model(args.reference, processing=args.processing, device=args.device) if args.reference else None
     judge = None
     if args.judge_model:
         judge = ev.ModelJudge(ms.load_model(args.judge_model, processing=args.processing, device=args.device),
                               batch_size=args.batch_size)
     t_load = time.perf_counter() - t0
-    result = ev.evaluate(model, harmful, harmless, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                         reference_model=reference, utility=not args.no_utility, progress=not args.no_progress,
-                         system=args.system, judge=judge, utility_limit=args.limit, seed=args.seed)
-    table = result.markdown()
+    results = [ev.evaluate(model, sets["harmful"], sets["harmless"], max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, reference_model=reference, utility=not args.no_utility,
+                           progress=not args.no_progress, system=args.system, judge=judge, utility_limit=args.limit,
+                           seed=args.seed) for model in models]
+    tables = [f"### `{r.model}`\n\n{r.markdown()}" if len(results) > 1 else r.markdown() for r in results]
+    paired, comparisons = _paired_table(results, args.seed) if len(results) > 1 else ("", [])
     run_dir = new_run_dir(args.runs_dir, "eval")
     with atomic_dir(run_dir) as tmp:
-        write_json(tmp / "results.json", result.to_dict())
-        atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in result.samples))
-        examples = [s for s in result.samples if s["set"] in ("harmful", "harmless")][:6]
-        lines = [f"# Evaluation of `{result.model}`", "",
-                 f"Harmful prompts: {result.n_harmful} ({args.harmful}, split {args.split}); "
-                 f"harmless prompts: {result.n_harmless} ({args.harmless}, split {args.split}); "
-                 f"{args.max_new_tokens} new tokens, greedy; refusals by "
-                 f"{judge.__name__ if judge else 'phrase matching'}.", "", table,
-                 "## Example responses", ""]
+        write_json(tmp / "results.json", {"models": [r.to_dict() for r in results], "comparisons": comparisons}
+                   if len(results) > 1 else results[0].to_dict())
+        samples = [dict(s, model=r.model) for r in results for s in r.samples]
+        atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        title = ", ".join(f"`{r.model}`" for r in results)
+        lines = [f"# Evaluation of {title}", "",
+                 f"Harmful prompts: {results[0].n_harmful} ({args.harmful}); harmless prompts: {results[0].n_harmless} "
+                 f"({args.harmless}); split {args.split} where the data has splits; {args.max_new_tokens} new tokens, "
+                 f"greedy; refusals by {judge.__name__ if judge else 'phrase matching'}. Rates carry Wilson "
+                 "intervals, differences between models on the same prompts paired bootstrap intervals.", "", *tables]
+        if paired:
+            lines += ["## Paired differences (same prompts)", "", paired]
+        lines += ["## Example responses", ""]
         lines += [f"- [{s['set']}, {'refused' if s['refused'] else 'answered'}] {s['prompt']!r} -> {s['response'][:160]!r}"
-                  for s in examples]
+                  for s in [s for s in results[0].samples if s["set"] in ("harmful", "harmless")][:6]]
         atomic_write_text(tmp / "report.md", "\n".join(lines) + "\n")
         write_run_manifest(tmp, command="eval", config={**vars(args), "func": None}, seed=args.seed,
                            processing=args.processing,
-                           timings={"load": t_load, **result.timings_s},
-                           extra={"model": ms.models.model_info(model).to_dict()})
-    print(table)
+                           timings={"load": t_load, **{f"{r.model}:{k}": v for r in results for k, v in r.timings_s.items()}},
+                           extra={"models": [ms.models.model_info(m).to_dict() for m in models]})
+    print("\n".join(tables))
+    if paired:
+        print(paired)
     print(f"run directory: {run_dir}")
     return 0

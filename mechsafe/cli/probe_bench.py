@@ -4,7 +4,7 @@ Every field of :class:`mechsafe.probes.ProbeBenchConfig` is also a flag that ove
 
     mechsafe probe-bench probes/harmful_vs_harmless.yaml --layers 10-20 --pooling mean --seed 1
     mechsafe probe-bench --data my.jsonl --text-column prompt --label-column y --layers middle
-    mechsafe probe-score runs/probe-bench-.../probe-dense-last.joblib "prompt one" "prompt two"
+    mechsafe probe-score runs/probe-bench-.../probe-dense-last.safetensors "prompt one" "prompt two"
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("probe-score", help="score prompts with a saved probe (e.g. P(harmful))",
                        description="Apply a probe saved by probe-bench, using the model recorded in its sidecar.")
-    s.add_argument("probe", help="probe .joblib file (or its .json sidecar, or a probe-bench run directory)")
+    s.add_argument("probe", help="probe .safetensors file (or its .json sidecar, or a probe-bench run directory)")
     s.add_argument("prompts", nargs="*", help="prompts to score")
     s.add_argument("--file", help="text file with one prompt per line")
     s.add_argument("--model", help="score with this model spec instead of the one in the sidecar")

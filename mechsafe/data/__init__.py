@@ -257,8 +257,8 @@ def confirmation_prompts() -> list[dict[str, Any]]:
     """Bundled confirmation prompts (``id``, ``text``, ``kind``: ``harmful`` or ``harmless``, ``category``: a
     harm category or a topic, ``form``): requests to refuse and prompts to answer, written after every recipe of
     ``mechsafe align`` had been tried and filtered against every other bundled prompt, so that no model was
-    trained, selected or evaluated on them before. They belong to no split; ``analyses/confirmation_set.py``
-    uses them to check a comparison of recipes on fresh prompts."""
+    trained, selected or evaluated on them before. They belong to no split: use them to check a comparison of
+    models made on other prompts."""
     return [dict(r) for r in _read_suite("confirmation_prompts.jsonl")]
 
 
@@ -360,7 +360,7 @@ def _read_table(path: Path):
     raise MechsafeError(f"unsupported file type {suffix!r} for {path}; use .jsonl, .json, .csv or .parquet")
 
 
-def load_file(path: str | Path, text_column: str = "text", label_column: str = "label",
+def load_file(path: str | Path, text_column: str = "text", label_column: str | None = "label",
               label_map: Mapping[Any, Any] | None = None, group_column: str | None = None,
               split_column: str | None = None, seed: int = 0) -> PromptSet:
     """Load a local table as a PromptSet.
@@ -368,7 +368,7 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
     Args:
         path: ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file.
         text_column: column holding the prompt text.
-        label_column: column holding the label.
+        label_column: column holding the label; ``None``: an unlabelled file, one class named after the file.
         label_map: maps raw label values to class names (or integers); rows whose label is not a
             key are dropped (a filter). Without it, the distinct raw labels become the classes.
         group_column: column used as the group (e.g. category, for OOD splits).
@@ -384,6 +384,11 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
     if missing:
         raise MechsafeError(f"{path} has no column {missing[0]!r}; its columns are {list(map(str, df.columns))} "
                             "(set --text-column/--label-column)")
+    if label_column is None:
+        if label_map:
+            raise MechsafeError("a label map needs a label column; name it (--label-column)")
+        df = df.assign(**{"__label__": path.stem})
+        label_column = "__label__"
     if label_map:
         keep = df[label_column].map(lambda v: v in label_map or str(v) in label_map)
         df = df[keep.astype(bool)]
@@ -408,6 +413,44 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
     meta = {"source": "file", "text_column": text_column, "label_column": label_column,
             "label_map": dict(label_map) if label_map else None, "group_column": group_column}
     return PromptSet(str(path), texts, labels, label_names, groups, splits, ids, meta)
+
+
+def load_texts(source: str, split: str = "test", text_column: str | None = None) -> tuple[list[str], str]:
+    """Prompt texts to evaluate on, and a line saying where they came from.
+
+    A bundled suite or hub dataset gives its ``split`` (``all``: every prompt). A local ``.jsonl``/``.json``/``.csv``/
+    ``.parquet`` file needs only a text column (``text_column``, default ``text``), no labels: with a ``split`` column
+    it gives the rows of ``split``, without one it is used whole (a file is not cut to a hashed split).
+    """
+    if split not in (*SPLITS, "all"):
+        raise MechsafeError(f"unknown split {split!r}; use {', '.join(SPLITS)} or all")
+    path = Path(source).expanduser()
+    if source not in BUNDLED_SUITES and (path.suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+                                         or path.exists()):
+        if not path.is_file():
+            raise MechsafeError(f"data file {path} does not exist; check the path")
+        df = _read_table(path)
+        column = text_column or "text"
+        if column not in df.columns:
+            raise MechsafeError(f"{path} has no column {column!r}; its columns are {list(map(str, df.columns))} "
+                                "(name the text column, e.g. --harmful-text-column prompt)")
+        if "split" in df.columns and split != "all":
+            df = df[df["split"].astype(str) == split]
+            where = f"{path}, rows with split {split!r}"
+        else:
+            where = f"{path}, whole file" + ("" if split == "all" else " (no split column)")
+        texts = [str(t) for t in df[column] if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise MechsafeError(f"{where} is empty: it has no non-empty {column!r} text; check the file")
+        return texts, f"{len(texts)} prompts from {where}"
+    if text_column:
+        raise MechsafeError(f"{source!r} is not a local file; a text column applies to files only")
+    ps = load(source)
+    if split != "all":
+        ps = ps.split(split)
+    if len(ps) == 0:
+        raise MechsafeError(f"{source} has no prompts in split {split!r}; pick another split")
+    return list(ps.texts), f"{len(ps)} prompts from {source}, split {split}"
 
 
 def load(source: str, **kwargs: Any) -> PromptSet:

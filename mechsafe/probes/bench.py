@@ -94,7 +94,24 @@ def _load_data(cfg: ProbeBenchConfig) -> BenchSplit:
         raise MechsafeError(f"the training rows have only {counts[k]} prompts of class "
                             f"{split.prompts.label_names[k]!r}; {cfg.cv_folds}-fold cross-validation needs at least "
                             f"{cfg.cv_folds}: add data or lower cv_folds")
+    leaks = duplicates_across_splits(split)
+    if leaks:
+        logger.warning("%d prompt texts (equal up to case and punctuation) sit in more than one of train/val/test, so "
+                       "test scores may be inflated; `mechsafe data describe %s` lists them", len(leaks), cfg.data)
     return split
+
+
+def duplicates_across_splits(split: BenchSplit) -> list[list[int]]:
+    """Groups of rows with the same normalized text that lie in more than one of the split's train/val/test rows."""
+    from mechsafe.data.describe import normalize
+
+    part = {int(i): name for name, rows in (("train", split.train), ("val", split.val), ("test", split.test))
+            for i in rows}
+    where: dict[str, list[int]] = {}
+    for i, text in enumerate(split.prompts.texts):
+        if i in part:
+            where.setdefault(normalize(text), []).append(i)
+    return [g for g in where.values() if len({part[i] for i in g}) > 1]
 
 
 def _sae_probe_candidates():
@@ -175,7 +192,7 @@ def _write_run(result: BenchResult, model, split: BenchSplit, runs_dir: str | os
         with atomic_dir(run_dir) as tmp:
             for method, r in result.best.items():
                 if method.startswith("dense") and r.estimator is not None:
-                    fname = f"probe-{method.replace('/', '-')}.joblib"
+                    fname = f"probe-{method.replace('/', '-')}.safetensors"
                     save_probe(r.estimator, tmp / fname, _probe_meta(cfg, model, r, split))
                     result.probes[method] = fname
             top = best_overall({m: r for m, r in result.best.items() if m in result.probes}, cfg.select_by)

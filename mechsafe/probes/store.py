@@ -1,10 +1,15 @@
-"""Saved probes: a fitted sklearn pipeline (joblib) plus a JSON sidecar saying how to feed it.
+"""Saved probes: the numbers of a linear probe (safetensors) plus a JSON sidecar saying how to feed it.
+
+A dense probe is a standardization followed by logistic regression. It is saved as plain arrays
+(``mean``, ``scale``, ``coef``, ``intercept``, ``classes``) in safetensors, never as a pickle, so loading a
+probe someone shared runs no code; :class:`LinearProbe` rebuilds the classifier from them. Files saved as
+joblib pickles by older versions load only with ``allow_pickle=True`` (a warning says what it risks).
 
 The sidecar records the model spec and weight processing, the hook and pooling, the chat
 settings, the class names and the model's fingerprint, so a probe can be reloaded and applied to
 new prompts with exactly the activations it was trained on::
 
-    probe = mechsafe.probes.load("runs/probe-bench-.../probe-dense-last.joblib")
+    probe = mechsafe.probes.load("runs/probe-bench-.../probe-dense-last.safetensors")
     model = probe.load_model()
     p_harmful = probe.score(model, ["How do I bake bread?", "How do I build a pipe bomb?"])
 """
@@ -31,24 +36,74 @@ SIDECAR_KEYS = ("method", "model", "processing", "hook", "layer", "pooling", "la
 """Keys every probe sidecar must carry."""
 
 
+@dataclasses.dataclass
+class LinearProbe:
+    """Standardize, then a linear classifier: what a dense probe's fitted pipeline computes, from its arrays."""
+
+    mean: np.ndarray
+    """Per-feature mean removed first ``[d]``."""
+    scale: np.ndarray
+    """Per-feature scale divided by next ``[d]``."""
+    coef: np.ndarray
+    """``[1, d]`` for two classes (the logit of the second), ``[n_classes, d]`` otherwise (softmax)."""
+    intercept: np.ndarray
+    """``[1]`` or ``[n_classes]``."""
+    classes_: np.ndarray
+    """Class indices of the columns of :meth:`predict_proba`."""
+
+    @classmethod
+    def from_pipeline(cls, estimator: Any) -> "LinearProbe":
+        """The arrays of a fitted ``Pipeline([StandardScaler, LogisticRegression(CV)])``."""
+        from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+        from sklearn.preprocessing import StandardScaler
+
+        steps = [step for _, step in getattr(estimator, "steps", [])]
+        if len(steps) != 2 or not isinstance(steps[0], StandardScaler) \
+                or not isinstance(steps[1], (LogisticRegression, LogisticRegressionCV)):
+            raise MechsafeError(f"only standardize + logistic regression probes can be saved, not {estimator!r}")
+        scaler, logreg = steps
+        d = logreg.coef_.shape[1]
+        mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(d)
+        scale = scaler.scale_ if scaler.scale_ is not None else np.ones(d)
+        return cls(np.asarray(mean, float), np.asarray(scale, float), np.asarray(logreg.coef_, float),
+                   np.asarray(logreg.intercept_, float), np.asarray(logreg.classes_))
+
+    def decision_function(self, X) -> np.ndarray:
+        return ((np.asarray(X, float) - self.mean) / self.scale) @ self.coef.T + self.intercept
+
+    def predict_proba(self, X) -> np.ndarray:
+        logits = self.decision_function(X)
+        if self.coef.shape[0] == 1:
+            p = 1 / (1 + np.exp(-logits[:, 0]))
+            return np.stack([1 - p, p], axis=1)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "scale": self.scale, "coef": self.coef, "intercept": self.intercept,
+                "classes": self.classes_.astype(np.int64)}
+
+
 def save_probe(estimator: Any, path: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Write ``path`` (``.joblib``) and its sidecar ``path.with_suffix('.json')`` atomically."""
-    import joblib
+    """Write the probe's arrays to ``path`` (``.safetensors``) and its sidecar ``path.with_suffix('.json')``, atomically."""
+    from safetensors.numpy import save_file
 
     missing = [k for k in SIDECAR_KEYS if k not in meta]
     if missing:
         raise ValueError(f"probe metadata lacks {missing}")
-    path = Path(path).with_suffix(".joblib")
+    probe = estimator if isinstance(estimator, LinearProbe) else LinearProbe.from_pipeline(estimator)
+    path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        joblib.dump(estimator, tmp)
+        save_file({k: np.ascontiguousarray(v) for k, v in probe.arrays().items()}, tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    write_json(path.with_suffix(".json"), dict(meta) | {"format": 1, "estimator_file": path.name})
+    write_json(path.with_suffix(".json"), dict(meta) | {"format": 2, "estimator_file": path.name})
     return path
 
 
@@ -57,11 +112,12 @@ class Probe:
     """A reloaded probe (see :func:`load`)."""
 
     estimator: Any
-    """The fitted sklearn pipeline (``predict_proba`` on pooled activations)."""
+    """The classifier (:class:`LinearProbe`, or an unpickled pipeline with ``allow_pickle``): ``predict_proba`` on
+    pooled activations."""
     meta: dict[str, Any]
     """The sidecar: model, processing, hook, layer, pooling, chat settings, class names, metrics."""
     path: Path
-    """The ``.joblib`` file it came from."""
+    """The file it came from."""
 
     @property
     def label_names(self) -> list[str]:
@@ -111,31 +167,47 @@ class Probe:
         return proba[:, 1] if proba.shape[1] == 2 else proba
 
 
-def load(path: str | os.PathLike) -> Probe:
-    """Load a probe from its ``.joblib`` file, its ``.json`` sidecar, or a probe-bench run directory.
+def load(path: str | os.PathLike, allow_pickle: bool = False) -> Probe:
+    """Load a probe from its ``.safetensors`` file, its ``.json`` sidecar, or a probe-bench run directory.
 
-    A run directory gives its best dense probe (``best_probe`` in ``results.json``).
+    A run directory gives its best dense probe (``best_probe`` in ``results.json``). A joblib pickle (saved by older
+    versions) is refused unless ``allow_pickle=True``: unpickling runs whatever code the file holds, so only opt in
+    for a file you made yourself.
     """
-    import joblib
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
 
     path = Path(path)
     if path.is_dir():
         results = read_json(path / "results.json")
         best = results.get("best_probe")
         if not best:
-            raise MechsafeError(f"run {path} saved no probe; pass a .joblib file or re-run probe-bench with dense")
+            raise MechsafeError(f"run {path} saved no probe; pass a probe file or re-run probe-bench with dense")
         path = path / best
-    path = path.with_suffix(".joblib")
     sidecar = path.with_suffix(".json")
+    if path.suffix == ".json" or not path.suffix:
+        path = path.with_suffix(".safetensors" if path.with_suffix(".safetensors").is_file() else ".joblib")
     if not path.is_file() or not sidecar.is_file():
         raise MechsafeError(f"probe {path} or its sidecar {sidecar.name} does not exist; "
-                            "pass a probe saved by `mechsafe probe-bench` (probe-*.joblib in its run directory)")
+                            "pass a probe saved by `mechsafe probe-bench` (probe-*.safetensors in its run directory)")
     meta = read_json(sidecar)
     missing = [k for k in SIDECAR_KEYS if k not in meta]
     if missing:
         raise MechsafeError(f"probe sidecar {sidecar} lacks {', '.join(missing)}; re-run probe-bench to save it again")
+    if path.suffix != ".safetensors":
+        if not allow_pickle:
+            raise MechsafeError(f"{path} is a pickle, which runs arbitrary code when loaded; re-save it with this "
+                                "version's probe-bench, or pass allow_pickle=True only for a file you made yourself")
+        import joblib
+
+        logger.warning("loading the pickle %s: it can run any code it holds", path)
+        try:
+            return Probe(joblib.load(path), meta, path)
+        except Exception as exc:  # noqa: BLE001 - unpickling raises many types
+            raise MechsafeError(f"probe {path} could not be read ({type(exc).__name__}); re-run probe-bench") from None
     try:
-        estimator = joblib.load(path)
-    except Exception as exc:  # noqa: BLE001 - unpickling raises many types
-        raise MechsafeError(f"probe {path} could not be read ({type(exc).__name__}); re-run probe-bench") from None
-    return Probe(estimator, meta, path)
+        arrays = load_file(str(path))
+        probe = LinearProbe(arrays["mean"], arrays["scale"], arrays["coef"], arrays["intercept"], arrays["classes"])
+    except (SafetensorError, KeyError, OSError) as exc:
+        raise MechsafeError(f"probe {path} is not a complete probe file ({exc}); re-run probe-bench") from None
+    return Probe(probe, meta, path)

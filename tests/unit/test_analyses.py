@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import save_tiny_hf_llama
 
 from mechsafe.errors import MechsafeError
@@ -41,14 +40,16 @@ def test_refusal_direction_study_on_a_tiny_model(tmp_path, monkeypatch):
     selected = res["strongest_candidate"]["index"] == res["direction"]["scores"]["index"]
     assert [m["which"] for m in res["interventions"]] == ["selected"] + ([] if selected else ["strongest"])
     rows = [r for m in res["interventions"] for r in m["rows"]]
-    assert all(r["n"] == 4 and 0.0 <= r["refusal_rate"]["value"] <= 1.0 for r in rows + res["baseline_conditions"])
+    samples = json.loads((run_dir / "samples.json").read_text())
+    for r in rows:  # each rate is the share of that condition's saved responses flagged as refusals
+        assert r["n"] == 4 and r["refusal_rate"]["value"] == sum(s["refused"] for s in samples[r["condition"]]) / 4
     for m in res["interventions"]:
         ablated, ortho, added = m["rows"]
         assert "ablated (hooks)" in ablated["condition"] and "orthogonalized" in ortho["condition"]
         assert "added" in added["condition"]
         assert m["targets"]["ablated_harmful_refusal_le_0.2"] == (ablated["refusal_rate"]["value"] <= 0.2)
-        assert 0.0 <= m["agreement"]["identical_responses"] <= 1.0
-    samples = json.loads((run_dir / "samples.json").read_text())
+        same = [a["response"] == b["response"] for a, b in zip(samples[ablated["condition"]], samples[ortho["condition"]])]
+        assert m["agreement"]["identical_responses"] == sum(same) / len(same)
     assert set(samples) == {r["condition"] for r in rows} and all(len(v) == 4 for v in samples.values())
     report = (run_dir / "report.md").read_text()
     assert "Strongest ablation candidate" in report and "Targets:" in report
@@ -82,66 +83,6 @@ def test_refusal_direction_study_on_a_tiny_model(tmp_path, monkeypatch):
         zp.main(["--model", str(model_dir), "--direction", str(run_dir / "direction"), "--candidates", "99:-1",
                  "--runs-dir", str(tmp_path / "bad-zero")])
     assert not (tmp_path / "bad-zero").exists()
-
-
-def test_affine_ablation_sets_the_component_at_every_read_point(tiny_model):
-    zp = _script("refusal_direction_zero_point")
-    torch.manual_seed(0)
-    r = torch.randn(tiny_model.cfg.d_model)
-    names = zp.residual_points(tiny_model)
-    reference = torch.linspace(-2.0, 3.0, len(names))
-    tokens = torch.randint(0, tiny_model.cfg.d_vocab, (2, 7))
-    with zp.affine_ablation(tiny_model, r, reference):
-        _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in tiny_model.hook_dict.values())
-    r_hat = r / r.norm()
-    for name, c in zip(names, reference):
-        assert torch.allclose(cache[name] @ r_hat, torch.full((2, 7), float(c)), atol=1e-4)
-    # zeros as the reference give the paper's directional ablation
-    with zp.affine_ablation(tiny_model, r, torch.zeros(len(names))):
-        affine = tiny_model(tokens)
-    with zp.iv.ablate_direction(tiny_model, r):
-        zero = tiny_model(tokens)
-    assert torch.allclose(affine, zero, atol=1e-4)
-    with pytest.raises(MechsafeError, match="one value per point"):
-        with zp.affine_ablation(tiny_model, r, torch.zeros(2)):
-            pass
-
-
-def test_confirmation_set_compares_recipes_on_per_prompt_seed_means(tmp_path, monkeypatch):
-    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
-    dirs = [tmp_path / f"m{i}" for i in range(3)]
-    for d in dirs:
-        save_tiny_hf_llama(d, n_layers=2)
-    script = _script("confirmation_set")
-    # each checkpoint in turn refuses these prompts (3 harmful, then 3 harmless)
-    patterns = iter([[1, 1, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0]])
-    monkeypatch.setattr(script, "generate", lambda model, texts, **kw: [
-        "I'm sorry, but I can't help with that." if x else "Sure, here you go." for x in next(patterns)])
-    runs = tmp_path / "runs"
-    assert script.main(["--recipe", f"a={dirs[0]},{dirs[1]}", "--recipe", f"b={dirs[2]}", "--limit", "3",
-                        "--n-boot", "200", "--runs-dir", str(runs)]) == 0
-    (run_dir,) = list(runs.iterdir())
-    res = json.loads((run_dir / "results.json").read_text())
-    assert res["n_prompts"] == {"harmful": 3, "harmless": 3}
-    a, b = res["recipes"]
-    assert [s["model"] for s in a["seeds"]] == [str(dirs[0]), str(dirs[1])]
-    assert [s["id"].startswith("conf-harm-") for s in a["seeds"][0]["samples"]] == [True] * 3 + [False] * 3
-    assert a["per_prompt_refusal"] == [1.0, 0.5, 0.0, 0.5, 0.0, 0.0]
-    assert a["seeds"][1]["refusal"]["value"] == pytest.approx(1 / 3)
-    assert (a["refusal"]["value"], a["over_refusal"]["value"]) == pytest.approx((0.5, 1 / 6))
-    assert (b["refusal"]["value"], b["over_refusal"]["value"]) == pytest.approx((0.0, 2 / 3))
-    (c,) = res["comparisons"]
-    assert (c["first"], c["other"]) == ("a", "b")
-    assert c["D"]["value"] == pytest.approx((0.5 - 1 / 6) - (0.0 - 2 / 3))
-    assert c["refusal_difference"]["value"] == pytest.approx(0.5)
-    assert c["over_refusal_difference"]["value"] == pytest.approx(1 / 6 - 2 / 3)
-    assert c["D"]["low"] <= c["D"]["value"] <= c["D"]["high"]
-    assert "**a against b**" in (run_dir / "report.md").read_text()
-    for bad, match in [(["--recipe", "a"], "NAME=MODEL"), (["--recipe", f"a={dirs[0]}", "--recipe", f"a={dirs[1]}"], "twice")]:
-        with pytest.raises(MechsafeError, match=match):
-            script.main([*bad, "--runs-dir", str(tmp_path / "bad")])
-    assert not (tmp_path / "bad").exists()
 
 
 def test_judge_agreement_counts_and_kappa(hf_dir, tmp_path):

@@ -198,3 +198,20 @@ def test_cli_refusal_direction_and_eval_write_run_dirs(hf_dir, tmp_path, capsys)
     assert main(["eval", "--model", str(hf_dir), "--limit", "0", "--runs-dir", str(runs)]) == 2
     assert len(list(runs.glob("eval-*"))) == 1
     assert np.isfinite(results["answer_nll"]["value"])
+
+
+def test_one_difference_in_means_at_a_chosen_layer_and_position_equals_the_selections_candidate(model5):
+    res = dr.select_refusal_direction(model5, HARMFUL, HARMLESS, HARMFUL[:3], HARMLESS[:3], positions=3,
+                                      score_all=True, progress=False, **LOOSE)
+    for layer, position in ((2, -1), (3, -3)):
+        one = dr.difference_in_means(model5, HARMFUL, HARMLESS, layer, position, filter_prompts=False)
+        pi, li = next(s["index"] for s in res.scores if s["layer"] == layer and s["position"] == position)
+        torch.testing.assert_close(one, res.candidates[pi, li], rtol=1e-5, atol=1e-6)
+    raw = dr.difference_in_means(model5, HARMFUL, HARMLESS, 2, filter_prompts=False, orthogonal_to_sink=False)
+    torch.testing.assert_close(raw, dr.candidate_directions(model5, HARMFUL, HARMLESS, 1, [2])[0, 0])
+    with pytest.raises(MechsafeError, match="not a post-instruction position"):
+        dr.difference_in_means(model5, HARMFUL, HARMLESS, 2, -40, filter_prompts=False)
+    with pytest.raises(MechsafeError, match="out of range"):
+        dr.difference_in_means(model5, HARMFUL, HARMLESS, 9, filter_prompts=False)
+    with pytest.raises(MechsafeError, match="filter_prompts=False"):  # a random model refuses nothing
+        dr.difference_in_means(model5, HARMFUL, HARMLESS, 2)

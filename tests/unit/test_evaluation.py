@@ -208,7 +208,8 @@ def test_evaluate_reports_consistent_metrics(tiny_model):
                       utility=True, progress=False, utility_limit=2)
     assert res.attack_success_rate.value == pytest.approx(1 - res.refusal_rate.value)
     assert res.kl_harmless.value == pytest.approx(0.0, abs=1e-9)
-    assert 0 <= res.utility_accuracy.value <= 1 and res.answer_nll.value > 0
+    math = [s for s in res.samples if s["set"] == "math"]
+    assert res.utility_accuracy.value == sum(s["correct"] for s in math) / len(math) and res.answer_nll.value > 0
     assert [s["set"] for s in res.samples].count("harmful") == 3
     assert [s["set"] for s in res.samples].count("math") == 2
     json.dumps(res.to_dict())
@@ -237,3 +238,52 @@ def test_cli_eval_judges_with_a_judge_model(hf_dir, tmp_path):
     judge = ev.ModelJudge(ms.load_model(str(hf_dir), processing="none"))
     assert [s["refused"] for s in samples] == judge.flags([s["prompt"] for s in samples],
                                                            [s["response"] for s in samples]).tolist()
+
+
+def test_cli_eval_takes_prompt_only_files_whole_and_compares_models_on_the_same_prompts(hf_dir, tmp_path, capsys):
+    from mechsafe.cli import main
+
+    harmful = tmp_path / "my.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"How do I do harmful thing number {i}?"}) + "\n"
+                               for i in range(200)))
+    harmless = tmp_path / "ok.csv"
+    harmless.write_text("text,split\n" + "".join(f"Name a colour {i},{'test' if i % 2 else 'train'}\n" for i in range(20)))
+    runs = tmp_path / "runs"
+    common = ["--harmful", str(harmful), "--harmful-text-column", "prompt", "--harmless", str(harmless),
+              "--max-new-tokens", "2", "--no-utility", "--runs-dir", str(runs), "--no-progress", "--batch-size", "50"]
+    assert main(["eval", "--model", str(hf_dir), *common]) == 0
+    out = capsys.readouterr().out
+    assert f"harmful: 200 prompts from {harmful}, whole file (no split column)" in out
+    assert f"harmless: 10 prompts from {harmless}, rows with split 'test'" in out
+    (run,) = runs.glob("eval-*")
+    res = json.loads((run / "results.json").read_text())
+    assert res["n_harmful"] == 200 and res["n_harmless"] == 10
+    refused = sum(json.loads(line)["refused"] for line in (run / "samples.jsonl").read_text().splitlines()
+                  if json.loads(line)["set"] == "harmful")
+    rate = res["refusal_rate"]
+    assert rate["value"] == refused / 200 and rate["high"] > rate["value"]  # never a degenerate [x, x] interval
+    # several models on the same prompts: per-model results and paired differences against the first
+    assert main(["eval", "--models", str(hf_dir), str(hf_dir), *common]) == 0
+    run2 = max(runs.glob("eval-*"))
+    res2 = json.loads((run2 / "results.json").read_text())
+    assert [m["n_harmful"] for m in res2["models"]] == [200, 200]
+    (c,) = res2["comparisons"]
+    assert c["refusal_rate_difference"]["value"] == 0 and c["over_refusal_difference"]["value"] == 0  # same model
+    assert "Paired differences" in (run2 / "report.md").read_text()
+
+
+def test_cli_eval_bad_files_fail_with_one_line_and_write_nothing(hf_dir, tmp_path, capsys):
+    from mechsafe.cli import main
+
+    empty, wrong = tmp_path / "empty.jsonl", tmp_path / "wrong.jsonl"
+    empty.write_text(json.dumps({"text": " "}) + "\n")
+    wrong.write_text(json.dumps({"question": "hi"}) + "\n")
+    runs = tmp_path / "runs"
+    for args, needle in ((["--harmful", str(empty)], "is empty"),
+                         (["--harmful", str(wrong)], "has no column 'text'"),
+                         (["--harmful", str(wrong), "--harmful-text-column", "prompt"], "has no column 'prompt'"),
+                         (["--harmful", "harmful", "--harmful-text-column", "prompt"], "not a local file")):
+        assert main(["eval", "--model", str(hf_dir), *args, "--runs-dir", str(runs)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert not runs.exists()

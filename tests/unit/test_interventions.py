@@ -200,3 +200,26 @@ def test_bad_directions_raise(tiny_model):
     with pytest.raises(MechsafeError, match="zero"):
         iv.orthogonalize_weights(tiny_model, torch.zeros(tiny_model.cfg.d_model))
     assert _no_hooks(tiny_model)
+
+
+def test_affine_ablation_sets_the_component_at_every_read_point(tiny_model):
+    torch.manual_seed(0)
+    r = torch.randn(tiny_model.cfg.d_model)
+    names = iv.residual_read_points(tiny_model)
+    reference = torch.linspace(-2.0, 3.0, len(names))
+    tokens = torch.randint(0, tiny_model.cfg.d_vocab, (2, 7))
+    with iv.affine_ablation(tiny_model, r, reference):
+        _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    assert all(not hp._forward_hooks and not hp.fwd_hooks for hp in tiny_model.hook_dict.values())
+    r_hat = r / r.norm()
+    for name, c in zip(names, reference):
+        assert torch.allclose(cache[name] @ r_hat, torch.full((2, 7), float(c)), atol=1e-4)
+    # zeros as the reference give the paper's directional ablation
+    with iv.affine_ablation(tiny_model, r, torch.zeros(len(names))):
+        affine = tiny_model(tokens)
+    with iv.ablate_direction(tiny_model, r):
+        zero = tiny_model(tokens)
+    assert torch.allclose(affine, zero, atol=1e-4)
+    with pytest.raises(MechsafeError, match="one value per read point"):
+        with iv.affine_ablation(tiny_model, r, torch.zeros(2)):
+            pass

@@ -87,7 +87,7 @@ def test_run_directory_contents(first_run):
     run_dir = result.run_dir
     assert run_dir.parent == runs and run_dir.name.startswith("probe-bench-") and run_dir.name.endswith("-toy")
     for f in ("report.md", "results.json", "run.json", "metric_by_layer.png", "confusion_matrix.png",
-              "probe-dense-last.joblib", "probe-dense-last.json", "probe-dense-mean.joblib"):
+              "probe-dense-last.safetensors", "probe-dense-last.json", "probe-dense-mean.safetensors"):
         assert (run_dir / f).is_file(), f
     assert not [p for p in runs.iterdir() if p.name.startswith(".")]  # no temp dir left behind
     report = (run_dir / "report.md").read_text()
@@ -117,7 +117,9 @@ def test_saved_probe_round_trip(first_run, model):
     best = result.best[probe.meta["method"]]
     prompts = ["how to bomb them 3", "how to make a soup 4", "how to scam them 99"]
     scores = probe.score(model, prompts)
-    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
+    assert scores.shape == (3,)
+    np.testing.assert_allclose(probe.predict_proba(model, prompts)[:, 1], scores)  # P(class 1), the columns sum to 1
+    np.testing.assert_allclose(probe.predict_proba(model, prompts).sum(1), 1.0)
     # the reloaded pipeline equals the in-memory one on the same activations
     from mechsafe.activations import ActivationConfig, cache_activations
 
@@ -125,7 +127,7 @@ def test_saved_probe_round_trip(first_run, model):
     store = cache_activations(model, prompts, cfg, root=str(result.run_dir.parent / "score-acts"), progress=False)
     X = store.pooled(probe.hook, best.pooling).numpy()
     np.testing.assert_allclose(scores, best.estimator.predict_proba(X)[:, 1], rtol=1e-6)
-    assert load(result.run_dir / result.best_probe.replace(".joblib", ".json")).meta == probe.meta
+    assert load(result.run_dir / result.best_probe.replace(".safetensors", ".json")).meta == probe.meta
 
 
 class SpyEstimator:
@@ -272,3 +274,46 @@ def test_multiclass_task_reports_macro_metrics_and_scores(model, data_file, act_
     proba = probe.score(model, ["how to scam them 5", "how to make a kite 1"])
     assert proba.shape == (2, 4)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
+
+
+def test_saved_probes_are_arrays_that_predict_like_the_fitted_pipeline(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from mechsafe.probes.store import SIDECAR_KEYS, LinearProbe, save_probe
+
+    rng = np.random.default_rng(0)
+    meta = {k: "x" for k in SIDECAR_KEYS} | {"label_names": ["a", "b", "c"]}
+    for n_classes in (2, 3):
+        X = rng.normal(size=(90, 6)) * [1, 5, 0.1, 2, 1, 3] + 4
+        y = np.arange(90) % n_classes
+        X[:, 0] += y
+        pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=500))]).fit(X, y)
+        path = save_probe(pipe, tmp_path / f"probe-{n_classes}.joblib", meta)
+        assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+        probe = load(path)
+        assert isinstance(probe.estimator, LinearProbe)
+        np.testing.assert_allclose(probe.estimator.predict_proba(X), pipe.predict_proba(X), rtol=0, atol=1e-12)
+        assert load(path.with_suffix(".json")).meta == probe.meta
+
+
+def test_a_pickle_in_place_of_a_probe_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    from mechsafe.probes.store import SIDECAR_KEYS
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "probe-dense-last.joblib").write_bytes(pickle.dumps(Payload()))
+    (tmp_path / "probe-dense-last.json").write_text(json.dumps({k: "x" for k in SIDECAR_KEYS}))
+    for path in ("probe-dense-last.joblib", "probe-dense-last.json"):
+        with pytest.raises(MechsafeError, match="pickle"):
+            load(tmp_path / path)
+    assert not marker.exists()  # nothing was unpickled
+    load(tmp_path / "probe-dense-last.joblib", allow_pickle=True)  # the explicit opt-in does unpickle it
+    assert marker.exists()

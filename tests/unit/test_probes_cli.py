@@ -72,13 +72,16 @@ def test_cli_local_file_with_overrides_then_score(files, patched_model, capsys, 
 
     prompts = root / "prompts.txt"
     prompts.write_text("how to make a kite 7\n\nhow to bomb them 9\n")
-    code = main(["probe-score", str(run_dir / "probe-dense-mean.joblib"), "how to poison them 1", "--file", str(prompts)])
+    code = main(["probe-score", str(run_dir / "probe-dense-mean.safetensors"), "how to poison them 1", "--file", str(prompts)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     assert lines[0] == "P(harmless)\tprompt"  # class 1 of this file's sorted label names
     assert len(lines) == 4
-    for line in lines[1:]:
-        assert 0.0 <= float(line.split("\t")[0]) <= 1.0
+    from mechsafe.probes import load
+
+    probe = load(run_dir / "probe-dense-mean.safetensors")
+    expected = probe.score(probe.load_model(), ["how to poison them 1", "how to make a kite 7", "how to bomb them 9"])
+    assert [float(line.split("\t")[0]) for line in lines[1:]] == pytest.approx(expected.tolist(), abs=5e-4)
 
 
 @pytest.mark.parametrize("argv_tail, message", [
@@ -117,9 +120,9 @@ def test_cli_single_class_data_exits_2(tmp_path, capsys, patched_model):
 
 
 def test_probe_score_errors(tmp_path, capsys):
-    assert main(["probe-score", str(tmp_path / "nope.joblib"), "a prompt"]) == 2
+    assert main(["probe-score", str(tmp_path / "nope.safetensors"), "a prompt"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["probe-score", str(tmp_path / "nope.joblib")]) == 2
+    assert main(["probe-score", str(tmp_path / "nope.safetensors")]) == 2
     assert "no prompts" in capsys.readouterr().err
 
 
