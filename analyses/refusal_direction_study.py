@@ -88,6 +88,14 @@ def main(argv=None) -> int:
     harmless = harmless_set.split("test").texts[: args.limit]
     gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=False)
 
+    # the selection first: a prompt filter that leaves nothing fails before minutes of evaluation
+    t0 = time.perf_counter()
+    if rd is None:
+        cfg = SelectionConfig(positions=args.positions, layers=args.layers, layer_step=args.layer_step,
+                              n_val=args.n_val, batch_size=args.batch_size, orthogonal_to_sink=not args.keep_sink,
+                              filter_train=not args.no_filter_train, filter_val=not args.no_filter_val)
+        rd = select_refusal_direction(model, harmful_set, harmless_set, config=cfg, progress=False)
+    timings["select"] = time.perf_counter() - t0
     evals = {}
     for name, m in (("base", base), ("studied", model)):
         if name == "base" and args.no_base_eval and m is not model:
@@ -101,13 +109,6 @@ def main(argv=None) -> int:
         timings[f"eval_{name}"] = time.perf_counter() - t0
         print(f"[{name}] {evals[name].model}\n{evals[name].markdown()}", flush=True)
 
-    t0 = time.perf_counter()
-    if rd is None:
-        cfg = SelectionConfig(positions=args.positions, layers=args.layers, layer_step=args.layer_step,
-                              n_val=args.n_val, batch_size=args.batch_size, orthogonal_to_sink=not args.keep_sink,
-                              filter_train=not args.no_filter_train, filter_val=not args.no_filter_val)
-        rd = select_refusal_direction(model, harmful_set, harmless_set, config=cfg, progress=False)
-    timings["select"] = time.perf_counter() - t0
     chosen = next(s for s in rd.scores if s["layer"] == rd.layer and s["position"] == rd.position)
     print(f"direction: layer {rd.layer}, position {rd.position}, {rd.meta['outcome']}: {chosen}", flush=True)
     # The selection may settle for a weak direction when stronger ones fail a filter (usually KL):

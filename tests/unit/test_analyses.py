@@ -64,6 +64,12 @@ def test_refusal_direction_study_on_a_tiny_model(tmp_path, monkeypatch):
         study.main(["--model", str(other_dir), "--direction", str(run_dir / "direction"), "--runs-dir",
                     str(tmp_path / "bad"), *common])
     assert not (tmp_path / "bad").exists()
+    # a prompt filter that leaves nothing (a random model refuses nothing) fails before any evaluation
+    monkeypatch.setattr(study.ev, "evaluate", lambda *a, **k: pytest.fail("evaluated before the selection failed"))
+    with pytest.raises(MechsafeError, match="refuses none"):
+        study.main(["--model", str(model_dir), "--base", str(model_dir), "--limit", "4", "--n-val", "4",
+                    "--runs-dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
     # zero vs affine ablation of the saved candidates (analyses/refusal_direction_zero_point.py)
     zp = _script("refusal_direction_zero_point")
