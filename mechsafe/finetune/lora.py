@@ -22,7 +22,7 @@ weights, and each adapted weight ``W`` (input ``x``) adds the low-rank branch
 These hooks live only for the duration of the module's forward. The backward pass then computes the
 input gradient through the frozen weight and the small factor gradients, instead of a full
 weight-sized gradient of ``W + scale * B @ A`` and a fresh copy of every adapted weight per forward pass
-(parameter LoRA, PEFT's ``target_parameters``): 1.2-1.3x faster per training pass on the align recipe's MLP
+(parameter LoRA, PEFT's ``target_parameters``): 1.36x faster per training pass on the align recipe's MLP
 weights (``benchmarks/bench_lora_branch.py``). Values equal a merged model's up to float rounding.
 
 All layers live in one PEFT ``LoraModel``: PEFT marks only the LoRA factors trainable, and

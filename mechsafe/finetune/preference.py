@@ -5,7 +5,7 @@ of the objective with its rejected response (the chosen response is the example'
 those examples of the step::
 
     margin_i = [log p(chosen_i) - log p_ref(chosen_i)] - [log p(rejected_i) - log p_ref(rejected_i)]
-    loss_i   = -log sigmoid(preference_beta * margin_i)
+    loss_i   = -log sigmoid(beta * margin_i)
 
 where ``log p`` is the summed log-probability of the response tokens after the prompt and
 ``p_ref`` the model before training (computed once, before the first step). Every margin starts

@@ -7,7 +7,7 @@ harmless examples), at every position of those sequences (prompt and response)::
     term = weight * sum_{retained (b, t)} KL(p_ref[b, t] || p[b, t]) / #retained positions
 
 The reference distributions are computed once, before the first step, and kept as
-their ``kl_top_k`` most probable tokens plus one bucket for all other tokens. The KL between two
+their ``top_k`` most probable tokens plus one bucket for all other tokens. The KL between two
 distributions coarsened to those ``k + 1`` outcomes is what is optimized: it is a lower bound
 on the full KL (coarsening never increases a divergence) and equals it when ``k`` covers the
 vocabulary. The term starts at 0: exactly with one pass per row, within float rounding (~1e-9) when
