@@ -52,6 +52,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from mechsafe.errors import MechsafeError
+from mechsafe.hub import require_hub
 from mechsafe.runs import atomic_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -360,6 +361,7 @@ def load_model(spec: str = DEFAULT_MODEL, processing: str = "none", device: str 
 
 
 def _load_transformerlens(spec: str, processing: str, device: str, dtype: torch.dtype) -> HookedTransformer:
+    require_hub(repr(spec), "when offline, download the model elsewhere and pass its local directory or a .gguf file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mechsafe.errors import MechsafeError
+from mechsafe.hub import require_hub
 
 SUITES_DIR = Path(__file__).parent / "suites"
 SPLITS = ("train", "val", "test")
@@ -314,6 +315,8 @@ def load_hub(name: str, split: str | None = None, text_column: str | None = None
             raise MechsafeError(f"hub dataset {name!r} is not one mechsafe knows ({', '.join(HUB_DATASETS)}); "
                                 "pass --text-column and --label-column to map its columns")
         spec = HubDataset(name, split or "train", lambda r: r[text_column], lambda r: r[label_column])
+    require_hub(f"the dataset {name!r}", "when offline, export it to a local .jsonl/.csv/.parquet file and pass that "
+                "path with --text-column")
     try:
         import datasets
 

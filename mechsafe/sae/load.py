@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 
 from mechsafe.errors import MechsafeError
+from mechsafe.hub import require_hub
 from mechsafe.runs import atomic_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ def load_sae(path_or_name: str | os.PathLike, sae_id: str | None = None, device:
         raise MechsafeError(f"{path_or_name} is neither an SAE directory nor a known SAE-Lens release; "
                             "check the path (train one with `mechsafe sae train`) or the release name")
 
+    require_hub(f"the SAE-Lens release {text!r} / {sae_id!r}", "when offline, pass a local SAE directory")
     try:
         sae = SAE.from_pretrained(text, sae_id, device=device)
     except Exception as exc:  # noqa: BLE001 - offline hubs and unknown releases raise several types

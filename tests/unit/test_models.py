@@ -165,3 +165,29 @@ def test_linear_layout_leaves_non_gated_mlps_alone():
     assert model.blocks[0].mlp.W_in.is_contiguous()  # read in place by addmm; no copy to save
     assert model.unembed.W_U.T.is_contiguous() and model.blocks[1].attn.W_O.permute(2, 0, 1).is_contiguous()
     assert torch.equal(after, before)
+
+
+def test_an_unreachable_hub_is_one_line_before_any_download(monkeypatch, capsys):
+    import socket
+
+    from mechsafe.cli import main
+    from mechsafe.hub import require_hub
+
+    def refuse(*args, **kwargs):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(MechsafeError, match="cannot reach the Hugging Face hub at huggingface.co to load 'x' .*; fix it"):
+        require_hub("'x'", "fix it")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the client's own offline mode: no check, the local cache serves
+    require_hub("'x'", "fix it")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    import mechsafe.models
+
+    monkeypatch.setattr(mechsafe.models, "_is_official_tl_name", lambda spec: True)
+    assert main(["eval", "--model", "gpt2", "--limit", "1", "--runs-dir", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot reach the Hugging Face hub") and "gpt2" in err[0]
+    with pytest.raises(MechsafeError, match="export it to a local"):
+        ms.data.load("LibrAI/do-not-answer")
