@@ -76,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", help="score with this model spec instead of the one in the sidecar")
     s.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     s.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default: %(default)s)")
+    s.add_argument("--runs-dir", default="runs", help="folder for the run directory (default: %(default)s)")
     s.set_defaults(func=run_score)
 
 
@@ -163,12 +164,21 @@ def run_score(args: argparse.Namespace) -> int:
     proba = probe.predict_proba(model, prompts, batch_size=args.batch_size)
     names = probe.label_names
     if len(names) == 2:
-        print(f"P({names[1]})\tprompt")
-        for p, text in zip(proba[:, 1], prompts):
-            print(f"{p:.4f}\t{text}")
+        lines = [f"P({names[1]})\tprompt"] + [f"{p:.4f}\t{text}" for p, text in zip(proba[:, 1], prompts)]
     else:
-        print("class\tP(class)\tprompt")
-        for row, text in zip(proba, prompts):
-            k = int(row.argmax())
-            print(f"{names[k]}\t{row[k]:.4f}\t{text}")
+        lines = ["class\tP(class)\tprompt"] + [f"{names[int(row.argmax())]}\t{row.max():.4f}\t{text}"
+                                              for row, text in zip(proba, prompts)]
+    from mechsafe.models import model_info
+    from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+
+    run_dir = new_run_dir(args.runs_dir, "probe-score")
+    with atomic_dir(run_dir) as tmp:
+        atomic_write_text(tmp / "scores.tsv", "\n".join(lines) + "\n")
+        write_json(tmp / "results.json", {"probe": str(probe.path), "label_names": names,
+                                          "scores": [{"prompt": t, "proba": row.tolist()} for t, row in zip(prompts, proba)]})
+        write_run_manifest(tmp, command="probe-score", config={"probe": str(probe.path), "model": args.model,
+                                                               "n_prompts": len(prompts)},
+                           seed=None, processing=model_info(model).processing)
+    print("\n".join(lines))
+    print(f"run directory: {run_dir}")
     return 0

@@ -47,13 +47,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--runs-dir", default="runs", help="folder for the run directory (default: %(default)s)")
     e.set_defaults(func=run_eval)
 
-    i = group.add_parser("inspect", help="top-activating tokens and logit effects of SAE features")
+    i = group.add_parser("inspect", help="top-activating tokens and logit effects of SAE features, or the latents "
+                                         "that fire on a text")
     i.add_argument("sae", help="SAE directory (or SAE-Lens release/sae_id)")
-    i.add_argument("--features", required=True, help="comma list of latent indices, e.g. 12,40")
+    what = i.add_mutually_exclusive_group(required=True)
+    what.add_argument("--features", help="comma list of latent indices, e.g. 12,40")
+    what.add_argument("--prompt", metavar="TEXT",
+                      help="list the latents that fire on this text (template and system-prompt tokens excluded)")
     _add_model_args(i)
     i.add_argument("--data", default="harmful_vs_harmless", help="prompts to search for top activations (default: %(default)s)")
     i.add_argument("--top", type=int, default=8, help="top activations per feature (default: %(default)s)")
     i.add_argument("--logits", type=int, default=10, help="promoted/suppressed tokens per feature (default: %(default)s)")
+    i.add_argument("--activation-root", help="activation store for the top-activation search (default: a temporary "
+                                             "folder, removed afterwards)")
+    i.add_argument("--runs-dir", default="runs", help="folder for the run directory (default: %(default)s)")
     i.set_defaults(func=run_inspect)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -119,16 +126,44 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    import mechsafe as ms
-    from mechsafe.sae import inspect_features, load_sae
+    import tempfile
 
-    try:
-        features = [int(f) for f in args.features.split(",") if f.strip()]
-    except ValueError:
-        raise MechsafeError(f"--features must be a comma list of integers (got {args.features!r})") from None
+    import mechsafe as ms
+    from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+    from mechsafe.sae import inspect_features, load_sae
+    from mechsafe.sae.inspect import latents_on_text
+
+    features = []
+    if args.features is not None:
+        try:
+            features = [int(f) for f in args.features.split(",") if f.strip()]
+        except ValueError:
+            raise MechsafeError(f"--features must be a comma list of integers (got {args.features!r})") from None
+    if args.top < 1:
+        raise MechsafeError(f"--top {args.top} must be at least 1")
     sae = load_sae(args.sae, device=args.device)
     model = _model_for(args, sae)
-    prompts = ms.data.load(args.data) if args.data else None
-    for report in inspect_features(model, sae, features, prompts, top_n=args.top, n_logits=args.logits):
-        print(report.markdown())
+    if args.prompt is not None:
+        found = latents_on_text(model, sae, args.prompt, top=args.top)
+        lines = [f"# Latents of `{args.sae}` on a prompt", "", f"Prompt: {args.prompt!r} (its own tokens only).", "",
+                 "| latent | max | at token | tokens fired | mean |", "|---:|---:|---|---:|---:|"]
+        lines += [f"| {r['latent']} | {r['max']:.3f} | {r['token']!r} | {r['n_tokens']} | {r['mean']:.3f} |" for r in found]
+        if not found:
+            lines.append("| – | no latent fires on these tokens | | | |")
+        results = {"prompt": args.prompt, "latents": found}
+    else:
+        prompts = ms.data.load(args.data) if args.data else None
+        with tempfile.TemporaryDirectory(prefix="mechsafe-inspect-") as scratch:
+            reports = inspect_features(model, sae, features, prompts, top_n=args.top, n_logits=args.logits,
+                                       activation_root=args.activation_root or scratch)
+        lines = [r.markdown() for r in reports]
+        results = {"features": [dataclasses.asdict(r) for r in reports]}
+    run_dir = new_run_dir(args.runs_dir, "sae-inspect")
+    with atomic_dir(run_dir) as tmp:
+        atomic_write_text(tmp / "report.md", "\n".join(lines) + "\n")
+        write_json(tmp / "results.json", results)
+        write_run_manifest(tmp, command="sae inspect", config={k: v for k, v in vars(args).items() if k != "func"},
+                           seed=None, processing=ms.models.model_info(model).processing)
+    print("\n".join(lines))
+    print(f"run directory: {run_dir}")
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -153,3 +153,29 @@ def inspect_features(model: HookedTransformer, sae, features: Sequence[int], pro
                 + _tok(tokenizer, ids[pos + 1:pos + 3]),
             })
     return [reports[f] for f in feats]
+
+
+@torch.no_grad()
+def latents_on_text(model: HookedTransformer, sae, text: str, top: int = 10, system: str | None = None,
+                    max_length: int = 512) -> list[dict[str, Any]]:
+    """The latents that fire on the user's text of one chat-formatted prompt, strongest first.
+
+    Only the tokens of ``text`` itself count: the chat template and the system prompt around it are excluded. Each
+    entry: ``latent``, ``max`` (its largest activation), ``token`` (where it peaks), ``n_tokens`` (content tokens it
+    fires on) and ``mean`` (its mean over the content tokens).
+    """
+    loaded = as_loaded(sae)
+    if not text.strip():
+        raise MechsafeError("the prompt is empty; pass some text to inspect")
+    name = check_hook(model, loaded.hook_name)
+    (enc,) = chat.encode_prompts(model.tokenizer, [text], system=system, max_length=max_length)
+    start, stop = enc.content
+    _, cache = model.run_with_cache(torch.tensor([enc.ids], device=model.cfg.device), names_filter=[name],
+                                    stop_at_layer=layer_of(name) + 1)
+    acts = cache[name][0, start:stop]
+    f = loaded.encode(acts.reshape(acts.shape[0], -1).to(loaded.sae.device)).float().cpu()  # [content tokens, d_sae]
+    peak, where = f.max(0)
+    fired = (f > 0).sum(0)
+    order = [int(i) for i in torch.argsort(peak, descending=True)[:top] if peak[i] > 0]
+    return [{"latent": i, "max": float(peak[i]), "token": _tok(model.tokenizer, [enc.ids[start + int(where[i])]]),
+             "n_tokens": int(fired[i]), "mean": float(f[:, i].mean())} for i in order]

@@ -72,16 +72,22 @@ def test_cli_local_file_with_overrides_then_score(files, patched_model, capsys, 
 
     prompts = root / "prompts.txt"
     prompts.write_text("how to make a kite 7\n\nhow to bomb them 9\n")
-    code = main(["probe-score", str(run_dir / "probe-dense-mean.safetensors"), "how to poison them 1", "--file", str(prompts)])
+    score_runs = root / "score-runs"
+    code = main(["probe-score", str(run_dir / "probe-dense-mean.safetensors"), "how to poison them 1", "--file", str(prompts),
+                 "--runs-dir", str(score_runs)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     assert lines[0] == "P(harmless)\tprompt"  # class 1 of this file's sorted label names
-    assert len(lines) == 4
+    (score_run,) = score_runs.iterdir()
+    assert len(lines) == 5 and lines[-1] == f"run directory: {score_run}"
+    assert (score_run / "scores.tsv").read_text().splitlines() == lines[:4]
     from mechsafe.probes import load
 
     probe = load(run_dir / "probe-dense-mean.safetensors")
     expected = probe.score(probe.load_model(), ["how to poison them 1", "how to make a kite 7", "how to bomb them 9"])
-    assert [float(line.split("\t")[0]) for line in lines[1:]] == pytest.approx(expected.tolist(), abs=5e-4)
+    assert [float(line.split("\t")[0]) for line in lines[1:4]] == pytest.approx(expected.tolist(), abs=5e-4)
+    saved = json.loads((score_run / "results.json").read_text())["scores"]
+    assert [s["proba"][1] for s in saved] == pytest.approx(expected.tolist())
 
 
 @pytest.mark.parametrize("argv_tail, message", [
