@@ -12,3 +12,18 @@ class MechsafeError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def check_keys(given, known, what: str) -> None:
+    """Raise naming each unknown key of ``given`` with the closest of ``known`` (a typo in a preset or override)."""
+    import difflib
+
+    known = list(known)
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    raise MechsafeError(f"unknown {what} {', '.join(hints)}; valid keys: {', '.join(known)}")

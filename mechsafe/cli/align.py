@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from mechsafe.errors import MechsafeError
+from mechsafe.errors import MechsafeError, check_keys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
             raise MechsafeError(f"--lora is not valid JSON ({exc.msg}); write e.g. '{{\"steps\": 60}}'") from None
         if not isinstance(overrides, dict):
             raise MechsafeError("--lora must be a JSON object of FinetuneConfig fields")
-        unknown = sorted(set(overrides) - set(recipe))
-        if unknown:
-            raise MechsafeError(f"--lora has unknown fields {unknown}; valid fields: {', '.join(recipe)}")
+        check_keys(overrides, recipe, "--lora field")
         if "steps" in overrides and "epochs" not in overrides:
             recipe["epochs"] = None
         if "epochs" in overrides and "steps" not in overrides:
@@ -85,5 +83,5 @@ def run(args: argparse.Namespace) -> int:
     result = align(config, out=args.out, runs_dir=args.runs_dir, run_dir=args.run_dir, resume=not args.no_resume,
                    progress=not args.no_progress)
     print(result.report)
-    print(f"aligned model -> {result.model_path}\nrun -> {result.run_dir}")
+    print(f"aligned model: {result.model_path}\nrun directory: {result.run_dir}")
     return 0

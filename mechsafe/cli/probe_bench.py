@@ -1,4 +1,5 @@
-"""``mechsafe probe-bench`` (run a probe benchmark preset) and ``mechsafe probe-score`` (apply a saved probe).
+"""``mechsafe probe bench`` (run a probe benchmark preset) and ``mechsafe probe score`` (apply a saved probe); the
+older names ``probe-bench`` and ``probe-score`` still work.
 
 Every field of :class:`mechsafe.probes.ProbeBenchConfig` is also a flag that overrides the preset::
 
@@ -40,9 +41,21 @@ def _plain(doc: str | None) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """``mechsafe probe bench|score`` (like ``sae train|eval|inspect``), also reachable as ``probe-bench`` and
+    ``probe-score``."""
+    group = sub.add_parser("probe", help="probe benchmark (bench) and saved probes (score)")
+    actions = group.add_subparsers(dest="probe_command", metavar="ACTION")
+    _bench_parser(actions, "bench")
+    _score_parser(actions, "score")
+    group.set_defaults(func=lambda args: group.error("name an action: bench or score"))
+    _bench_parser(sub, "probe-bench")
+    _score_parser(sub, "probe-score")
+
+
+def _bench_parser(sub: argparse._SubParsersAction, name: str) -> None:
     from mechsafe.probes.config import ProbeBenchConfig, field_help
 
-    p = sub.add_parser("probe-bench", help="per-layer probes vs TF-IDF and majority baselines, with CIs",
+    p = sub.add_parser(name, help="per-layer probes vs TF-IDF and majority baselines, with CIs",
                        description="Run a probe benchmark preset; any config field can be overridden by its flag.")
     p.add_argument("preset", nargs="?", help="YAML/TOML preset (e.g. probes/harmful_vs_harmless.yaml)")
     add_data_args(p)
@@ -68,7 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ood", action="store_true", help="ignore the preset's ood split")
     p.set_defaults(func=run)
 
-    s = sub.add_parser("probe-score", help="score prompts with a saved probe (e.g. P(harmful))",
+
+def _score_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    s = sub.add_parser(name, help="score prompts with a saved probe (e.g. P(harmful))",
                        description="Apply a probe saved by probe-bench, using the model recorded in its sidecar.")
     s.add_argument("probe", help="probe .safetensors file (or its .json sidecar, or a probe-bench run directory)")
     s.add_argument("prompts", nargs="*", help="prompts to score")
@@ -140,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"report: {result.run_dir / 'report.md'}")
     if result.best_probe:
         print(f"probe:  {result.run_dir / result.best_probe}")
+    print(f"run directory: {result.run_dir}")
     return 0
 
 

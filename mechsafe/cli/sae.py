@@ -96,7 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = train_sae(model, cfg, out_dir=out, activation_root=args.activation_root, progress=not args.no_progress,
                        command=command)
     print((result.path / "report.md").read_text(encoding="utf-8"))
-    print(f"SAE saved to {result.path}")
+    print(f"run directory: {result.path} (the saved SAE)")
     return 0
 
 
@@ -121,7 +121,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                                            "max_prompts": args.max_prompts},
                        seed=None, processing=ms.models.model_info(model).processing)
     print(report)
-    print(f"written to {run_dir}")
+    print(f"run directory: {run_dir}")
     return 0
 
 

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from mechsafe.errors import MechsafeError
+from mechsafe.errors import MechsafeError, check_keys
 from mechsafe.hooks import check_kind
 
 METHODS = ("dense", "majority", "tfidf")
@@ -215,11 +215,7 @@ def field_type(name: str) -> Any:
 
 
 def _check_keys(mapping: Mapping[str, Any], cls: type, where: str) -> None:
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(mapping) - set(known))
-    if unknown:
-        raise MechsafeError(f"unknown {where} key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                            f"valid keys: {', '.join(known)}")
+    check_keys(mapping, [f.name for f in dataclasses.fields(cls)], f"{where} key")
 
 
 def read_preset(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from mechsafe.errors import MechsafeError
+from mechsafe.errors import MechsafeError, check_keys
 from mechsafe.hooks import check_kind
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
@@ -181,9 +181,7 @@ def make_config(values: Mapping[str, Any] | None = None, **overrides: Any) -> SA
     fields = {f.name: f for f in dataclasses.fields(SAETrainConfig)}
     merged = dict(values or {})
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(merged) - set(fields))
-    if unknown:
-        raise MechsafeError(f"unknown SAE config field(s) {unknown}; valid fields: {', '.join(fields)}")
+    check_keys(merged, fields, "SAE config field")
     return SAETrainConfig(**{k: _coerce(fields[k], v) for k, v in merged.items()})
 
 

@@ -156,7 +156,7 @@ def test_align_end_to_end_on_a_tiny_model(hf_dir, tmp_path):
 
 def test_cli_rejects_bad_lora_overrides(capsys):
     assert main(["align", "--lora", '{"stepz": 3}']) == 2
-    assert "unknown fields" in capsys.readouterr().err
+    assert "unknown --lora field 'stepz' (did you mean 'steps'?)" in capsys.readouterr().err
     assert main(["align", "--lora", "not json"]) == 2
 
 

@@ -110,7 +110,7 @@ def test_cli_unknown_preset_key_and_missing_preset(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: harmful_vs_harmless\npoolings: [last]\n")
     assert main(["probe-bench", str(bad), "--runs-dir", str(tmp_path / "runs")]) == 2
-    assert "unknown preset key poolings" in capsys.readouterr().err
+    assert "unknown preset key 'poolings' (did you mean 'pooling'?)" in capsys.readouterr().err
     assert main(["probe-bench", str(tmp_path / "missing.yaml"), "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
@@ -144,3 +144,17 @@ def test_cli_ood_flags_override_preset(files, tmp_path):
     args = build_parser().parse_args(["probe-bench", str(ood), "--no-ood", "--no-chat"])
     cfg = config_from_args(args)
     assert cfg.ood is None and cfg.chat is False
+
+
+def test_probe_group_and_the_old_names_parse_to_the_same_commands():
+    from mechsafe.cli import build_parser
+    from mechsafe.cli.probe_bench import run, run_score
+
+    parser = build_parser()
+    new = parser.parse_args(["probe", "bench", "p.yaml", "--layers", "3", "--seed", "2"])
+    old = parser.parse_args(["probe-bench", "p.yaml", "--layers", "3", "--seed", "2"])
+    assert new.func is old.func is run
+    assert {k: v for k, v in vars(new).items() if k not in ("command", "probe_command")} == \
+        {k: v for k, v in vars(old).items() if k != "command"}
+    assert parser.parse_args(["probe", "score", "x.safetensors", "hi"]).func is run_score
+    assert parser.parse_args(["probe-score", "x.safetensors", "hi"]).func is run_score

@@ -40,7 +40,7 @@ def test_overrides_replace_preset_values_and_are_coerced(tmp_path):
 def test_unknown_preset_key_is_one_line_error(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("data: harmful_vs_harmless\nlayer: 3\n")
-    with pytest.raises(MechsafeError, match="unknown preset key layer; valid keys") as err:
+    with pytest.raises(MechsafeError, match="unknown preset key 'layer' \\(did you mean 'layers'\\?\\); valid keys") as err:
         load_config(preset)
     assert "\n" not in str(err.value)
 
@@ -54,7 +54,7 @@ def test_unknown_preset_key_is_one_line_error(tmp_path):
     ({"select_by": "loss"}, "unknown select_by"),
     ({"ood": {"train_groups": ["a"], "test_groups": ["a"]}}, "not out of distribution"),
     ({"ood": {"train_groups": ["a"]}}, "needs both"),
-    ({"ood": {"train_groups": ["a"], "test_groups": ["b"], "extra": 1}}, "unknown ood key extra"),
+    ({"ood": {"train_groups": ["a"], "test_groups": ["b"], "extra": 1}}, "unknown ood key 'extra'"),
     ({"sae": "/no/such/sae"}, "does not exist"),
 ])
 def test_bad_values_raise(kwargs, message):
