@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 import mechsafe as ms
 from mechsafe.errors import MechsafeError
 from mechsafe.evaluation import ModelJudge
-from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+from mechsafe.runs import start_run
 from mechsafe.stats import proportion
 
 SETS = ("harmful", "harmless")
@@ -111,14 +111,13 @@ def main(argv=None) -> int:
                                    for set_name in SETS if (sets == set_name).any()}
     seconds = time.perf_counter() - t0
     text = report(args, results)
-    run_dir = new_run_dir(args.runs_dir, "judge-agreement")
-    with atomic_dir(run_dir) as tmp:
-        write_json(tmp / "results.json", results)
-        atomic_write_text(tmp / "report.md", text)
-        write_run_manifest(tmp, command="analyses/judge_agreement.py", config=vars(args), seed=0, processing="none",
-                           timings={"judge": round(seconds, 1)})
+    with start_run(args.runs_dir, "analyses/judge_agreement.py", name="judge-agreement", config=vars(args), seed=0,
+                   processing="none") as run:
+        run.write_json("results.json", results)
+        run.write_text("report.md", text)
+        run.timings["judge"] = seconds
     print(text)
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.path}")
     return 0
 
 

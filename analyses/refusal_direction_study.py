@@ -33,7 +33,7 @@ from mechsafe import evaluation as ev
 from mechsafe import interventions as iv
 from mechsafe.directions import RefusalDirection, SelectionConfig, plot_scores, select_refusal_direction
 from mechsafe.errors import MechsafeError
-from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+from mechsafe.runs import start_run
 from mechsafe.stats import Estimate, bootstrap, proportion
 
 
@@ -175,20 +175,19 @@ def main(argv=None) -> int:
                "interventions": [{**m, "rows": [public(r) for r in m["rows"]]} for m in measured],
                "timings_s": timings, "targets": measured[0]["targets"]}
     report = _report(args, spec, evals, rd, chosen, strongest, baseline_rows, measured)
-    run_dir = new_run_dir(args.runs_dir, "refusal-direction-study")
-    with atomic_dir(run_dir) as tmp:
-        rd.save(tmp / "direction")
-        plot_scores(rd, tmp / "scores.png")
-        write_json(tmp / "results.json", results)
-        write_json(tmp / "samples.json", {r["condition"]: [{"prompt": p, "response": t, "refused": bool(f)}
-                                                           for p, t, f in zip(r["_prompts"], r["_texts"], r["_flags"])]
-                                          for r in rows if "_texts" in r})
-        atomic_write_text(tmp / "report.md", report)
-        write_run_manifest(tmp, command="analyses/refusal_direction_study.py", config=vars(args), seed=0,
-                           processing="none", timings=timings,
-                           extra={"model": ms.models.model_info(model).to_dict(), "selection": rd.meta})
+    with start_run(args.runs_dir, "analyses/refusal_direction_study.py", name="refusal-direction-study",
+                   config=vars(args), seed=0, processing="none") as run:
+        rd.save(run.tmp / "direction")
+        plot_scores(rd, run.tmp / "scores.png")
+        run.write_json("results.json", results)
+        run.write_json("samples.json", {r["condition"]: [{"prompt": p, "response": t, "refused": bool(f)}
+                                                         for p, t, f in zip(r["_prompts"], r["_texts"], r["_flags"])]
+                                        for r in rows if "_texts" in r})
+        run.write_text("report.md", report)
+        run.timings.update(timings)
+        run.extra.update({"model": ms.models.model_info(model).to_dict(), "selection": rd.meta})
     print(report)
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.path}")
     return 0
 
 

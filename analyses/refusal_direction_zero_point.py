@@ -41,7 +41,7 @@ from mechsafe import interventions as iv
 from mechsafe.directions import RefusalDirection, mean_activations
 from mechsafe.errors import MechsafeError
 from mechsafe.evaluation import prompt_last_logits, refusal_token_ids, score_from_logits
-from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+from mechsafe.runs import start_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -132,14 +132,13 @@ def main(argv=None) -> int:
               flush=True)
     results["timings_s"] = {"total": time.perf_counter() - t_start}
     report = _report(args, results, kl_threshold, model.cfg.n_layers)
-    run_dir = new_run_dir(args.runs_dir, "refusal-zero-point")
-    with atomic_dir(run_dir) as tmp:
-        write_json(tmp / "results.json", results)
-        atomic_write_text(tmp / "report.md", report)
-        write_run_manifest(tmp, command="analyses/refusal_direction_zero_point.py", config=vars(args), seed=None,
-                           processing=ms.models.model_info(model).processing, timings=results["timings_s"])
+    with start_run(args.runs_dir, "analyses/refusal_direction_zero_point.py", name="refusal-zero-point",
+                   config=vars(args), processing=ms.models.model_info(model).processing) as run:
+        run.write_json("results.json", results)
+        run.write_text("report.md", report)
+        run.timings.update(results["timings_s"])
     print(report)
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.path}")
     return 0
 
 

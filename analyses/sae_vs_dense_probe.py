@@ -31,7 +31,7 @@ import mechsafe.sae  # noqa: F401  (makes ms.sae available)
 from mechsafe import probes
 from mechsafe.errors import MechsafeError
 from mechsafe.hooks import kind_of, layer_of
-from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+from mechsafe.runs import start_run
 
 SAE_DIR = Path("runs/sae/smollm2-resid-mid")
 RECIPE = Path("sae/smollm2-resid-mid.yaml")
@@ -192,14 +192,14 @@ def main(argv=None) -> int:
                                   "promotes": [t for t, _ in r.logit_top], "suppresses": [t for t, _ in r.logit_bottom]}
                                  for f, c, r in items] for m, items in inspected.items()},
                "timings_s": timings}
-    run_dir = new_run_dir(args.runs_dir, "sae-vs-dense")
-    with atomic_dir(run_dir) as tmp:
-        atomic_write_text(tmp / "report.md", report)
-        write_json(tmp / "results.json", results)
-        write_run_manifest(tmp, command="analyses/sae_vs_dense_probe.py", config=vars(args) | {"bench": bench_cfg.to_dict()},
-                           seed=bench_cfg.seed, processing=bench.model.get("processing"), timings=timings)
+    with start_run(args.runs_dir, "analyses/sae_vs_dense_probe.py", name="sae-vs-dense",
+                   config=vars(args) | {"bench": bench_cfg.to_dict()}, seed=bench_cfg.seed,
+                   processing=bench.model.get("processing")) as run:
+        run.write_text("report.md", report)
+        run.write_json("results.json", results)
+        run.timings.update(timings)
     print(report)
-    print(f"written to {run_dir}")
+    print(f"run directory: {run.path}")
     return 0
 
 

@@ -1,7 +1,15 @@
 """Run directories, manifests and atomic writes.
 
-Every command writes into its own run directory (default ``runs/``). Files are written to a
-temporary path and renamed, so an interrupted run never leaves an artifact that looks complete.
+Every command writes into its own run directory (default ``runs/``) through :func:`start_run`: files go to a
+temporary folder that is renamed into place only when the run completes, with its ``run.json`` (config,
+versions, seed, weight processing, timings), so an interrupted or failed run never leaves an artifact that
+looks complete::
+
+    with start_run("runs", "eval", config=cfg, seed=0, processing="none") as run:
+        run.write_json("results.json", results)
+        run.write_text("report.md", report)
+        run.timings["generate"] = 12.3
+    print(f"run directory: {run.path}")
 """
 
 from __future__ import annotations
@@ -144,3 +152,47 @@ def write_run_manifest(run_dir: str | os.PathLike, *, command: str, config: Any,
     if extra:
         manifest.update(extra)
     return write_json(Path(run_dir) / "run.json", manifest)
+
+
+@dataclasses.dataclass
+class Run:
+    """An open run directory (see :func:`start_run`): write its files with the methods below."""
+
+    path: Path
+    """Where the run will be once it completes."""
+    tmp: Path
+    """Where its files are written until then."""
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds per stage, written to ``run.json``."""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """More entries for ``run.json`` (e.g. the model's provenance)."""
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return write_json(self.tmp / name, obj)
+
+    def write_text(self, name: str, text: str) -> Path:
+        return atomic_write_text(self.tmp / name, text)
+
+    def figure(self, name: str, fig, dpi: int = 110) -> Path:
+        """Save a matplotlib figure as ``name`` (PNG)."""
+        fig.savefig(self.tmp / name, dpi=dpi)
+        return self.tmp / name
+
+
+@contextlib.contextmanager
+def start_run(runs_dir: str | os.PathLike, command: str, *, config: Any, seed: int | None = None,
+              processing: str | None = None, tag: str = "", name: str | None = None) -> Iterator[Run]:
+    """Open a new run directory ``runs_dir/<name>-<UTC time>[-tag]`` (``name`` defaults to ``command`` with dashes)
+    for the block; on success it is completed with ``run.json`` and moved into place, on an error (or an interrupt)
+    nothing is left behind."""
+    final = new_run_dir(runs_dir, name or command.replace(" ", "-"), tag)
+    try:
+        with atomic_dir(final) as tmp:
+            run = Run(final, tmp)
+            yield run
+            write_run_manifest(tmp, command=command, config=config, seed=seed, processing=processing,
+                               timings={k: round(v, 3) for k, v in run.timings.items()}, extra=run.extra)
+    except BaseException:
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
+        raise

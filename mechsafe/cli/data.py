@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import mechsafe as ms
     from mechsafe.data.describe import describe, plot
-    from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+    from mechsafe.runs import start_run
 
     if not 0 < args.near_threshold <= 1:
         raise ms.MechsafeError(f"--near-threshold {args.near_threshold} must be in (0, 1]")
@@ -43,13 +43,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = ms.data.load(args.source, **kwargs)
     desc = describe(prompts, near_threshold=args.near_threshold, short_words=args.short_words)
     report = desc.markdown()
-    run_dir = new_run_dir(args.runs_dir, "data-describe")
-    with atomic_dir(run_dir) as tmp:
-        write_json(tmp / "results.json", desc.to_dict())
-        plot(desc, prompts, tmp)
-        atomic_write_text(tmp / "report.md", report + "\n![prompt lengths](lengths.png)\n\n![groups](groups.png)\n")
-        write_run_manifest(tmp, command="data describe", config={k: v for k, v in vars(args).items() if k != "func"},
-                           seed=None, processing=None, extra={"data_fingerprint": prompts.fingerprint()})
+    with start_run(args.runs_dir, "data describe", config={k: v for k, v in vars(args).items() if k != "func"}) as run:
+        run.write_json("results.json", desc.to_dict())
+        plot(desc, prompts, run.tmp)
+        run.write_text("report.md", report + "\n![prompt lengths](lengths.png)\n\n![groups](groups.png)\n")
+        run.extra["data_fingerprint"] = prompts.fingerprint()
     print(report)
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.path}")
     return 0

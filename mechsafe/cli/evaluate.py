@@ -58,7 +58,7 @@ def _paired_table(results: list, seed: int) -> tuple[str, list[dict]]:
 def run(args: argparse.Namespace) -> int:
     import mechsafe as ms
     from mechsafe import evaluation as ev
-    from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+    from mechsafe.runs import start_run
 
     if args.limit is not None and args.limit < 1:
         raise ms.MechsafeError(f"--limit must be at least 1, got {args.limit}")
@@ -84,12 +84,12 @@ def run(args: argparse.Namespace) -> int:
                            seed=args.seed) for model in models]
     tables = [f"### `{r.model}`\n\n{r.markdown()}" if len(results) > 1 else r.markdown() for r in results]
     paired, comparisons = _paired_table(results, args.seed) if len(results) > 1 else ("", [])
-    run_dir = new_run_dir(args.runs_dir, "eval")
-    with atomic_dir(run_dir) as tmp:
-        write_json(tmp / "results.json", {"models": [r.to_dict() for r in results], "comparisons": comparisons}
-                   if len(results) > 1 else results[0].to_dict())
+    with start_run(args.runs_dir, "eval", config={**vars(args), "func": None}, seed=args.seed,
+                   processing=args.processing) as run:
+        run.write_json("results.json", {"models": [r.to_dict() for r in results], "comparisons": comparisons}
+                       if len(results) > 1 else results[0].to_dict())
         samples = [dict(s, model=r.model) for r in results for s in r.samples]
-        atomic_write_text(tmp / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        run.write_text("samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         title = ", ".join(f"`{r.model}`" for r in results)
         lines = [f"# Evaluation of {title}", "",
                  f"Harmful prompts: {results[0].n_harmful} ({args.harmful}); harmless prompts: {results[0].n_harmless} "
@@ -101,13 +101,11 @@ def run(args: argparse.Namespace) -> int:
         lines += ["## Example responses", ""]
         lines += [f"- [{s['set']}, {'refused' if s['refused'] else 'answered'}] {s['prompt']!r} -> {s['response'][:160]!r}"
                   for s in [s for s in results[0].samples if s["set"] in ("harmful", "harmless")][:6]]
-        atomic_write_text(tmp / "report.md", "\n".join(lines) + "\n")
-        write_run_manifest(tmp, command="eval", config={**vars(args), "func": None}, seed=args.seed,
-                           processing=args.processing,
-                           timings={"load": t_load, **{f"{r.model}:{k}": v for r in results for k, v in r.timings_s.items()}},
-                           extra={"models": [ms.models.model_info(m).to_dict() for m in models]})
+        run.write_text("report.md", "\n".join(lines) + "\n")
+        run.timings.update({"load": t_load, **{f"{r.model}:{k}": v for r in results for k, v in r.timings_s.items()}})
+        run.extra["models"] = [ms.models.model_info(m).to_dict() for m in models]
     print("\n".join(tables))
     if paired:
         print(paired)
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.path}")
     return 0

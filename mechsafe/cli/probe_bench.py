@@ -185,16 +185,14 @@ def run_score(args: argparse.Namespace) -> int:
         lines = ["class\tP(class)\tprompt"] + [f"{names[int(row.argmax())]}\t{row.max():.4f}\t{text}"
                                               for row, text in zip(proba, prompts)]
     from mechsafe.models import model_info
-    from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+    from mechsafe.runs import start_run
 
-    run_dir = new_run_dir(args.runs_dir, "probe-score")
-    with atomic_dir(run_dir) as tmp:
-        atomic_write_text(tmp / "scores.tsv", "\n".join(lines) + "\n")
-        write_json(tmp / "results.json", {"probe": str(probe.path), "label_names": names,
-                                          "scores": [{"prompt": t, "proba": row.tolist()} for t, row in zip(prompts, proba)]})
-        write_run_manifest(tmp, command="probe-score", config={"probe": str(probe.path), "model": args.model,
-                                                               "n_prompts": len(prompts)},
-                           seed=None, processing=model_info(model).processing)
+    with start_run(args.runs_dir, "probe-score", config={"probe": str(probe.path), "model": args.model,
+                                                          "n_prompts": len(prompts)},
+                   processing=model_info(model).processing) as run:
+        run.write_text("scores.tsv", "\n".join(lines) + "\n")
+        run.write_json("results.json", {"probe": str(probe.path), "label_names": names,
+                                        "scores": [{"prompt": t, "proba": row.tolist()} for t, row in zip(prompts, proba)]})
     print("\n".join(lines))
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.path}")
     return 0

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import mechsafe as ms
     from mechsafe.directions import SelectionConfig, plot_scores, select_refusal_direction
-    from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_run_manifest
+    from mechsafe.runs import start_run
 
     cfg = SelectionConfig(positions=args.positions, layers=args.layers, layer_step=args.layer_step, n_val=args.n_val,
                           batch_size=args.batch_size, kl_threshold=args.kl_threshold, score_all=args.score_all,
@@ -52,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     summary = (f"layer {result.layer}, position {result.position}: ablation score {chosen['ablation_score']:.3f} "
                f"(baseline harmful {result.baseline['harmful']:.3f}), steering score {chosen['steering_score']:.3f} "
                f"(baseline harmless {result.baseline['harmless']:.3f}), KL {chosen['kl']:.4f}; {result.meta['outcome']}")
-    run_dir = new_run_dir(args.runs_dir, "refusal-direction")
-    with atomic_dir(run_dir) as tmp:
-        result.save(tmp / "direction")
-        plot_scores(result, tmp / "scores.png")
+    with start_run(args.runs_dir, "refusal-direction", config=result.meta["config"],
+                   processing=args.processing) as run:
+        result.save(run.tmp / "direction")
+        plot_scores(result, run.tmp / "scores.png")
         rows = ["| position | layer | ablation score | steering score | KL | outcome |", "|---|---|---|---|---|---|"]
         fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
         for s in sorted(result.scores, key=lambda s: (s["position"], s["layer"])):
@@ -64,10 +64,9 @@ def run(args: argparse.Namespace) -> int:
                         f"{'kept' if s['kept'] else (s['reason'] or 'not needed (lazy)')} |")
         report = [f"# Refusal direction of `{result.meta['model']}`", "", f"Selected: {summary}.", "",
                   "![scores](scores.png)", "", "\n".join(rows)]
-        atomic_write_text(tmp / "report.md", "\n".join(report) + "\n")
-        write_run_manifest(tmp, command="refusal-direction", config=result.meta["config"], seed=None,
-                           processing=args.processing, timings={"load": t_load, **result.meta["timings_s"]},
-                           extra={"model": ms.models.model_info(model).to_dict(), "data": result.meta["data"]})
+        run.write_text("report.md", "\n".join(report) + "\n")
+        run.timings.update({"load": t_load, **result.meta["timings_s"]})
+        run.extra.update({"model": ms.models.model_info(model).to_dict(), "data": result.meta["data"]})
     print(f"refusal direction: {summary}")
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.path}")
     return 0

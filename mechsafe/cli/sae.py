@@ -102,7 +102,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     import mechsafe as ms
-    from mechsafe.runs import atomic_write_text, new_run_dir, write_json, write_run_manifest
+    from mechsafe.runs import start_run
     from mechsafe.sae import evaluate_sae, load_sae
 
     sae = load_sae(args.sae, device=args.device)
@@ -112,16 +112,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.max_prompts:
         prompts = prompts.subset(list(range(min(args.max_prompts, len(prompts)))))
     metrics = evaluate_sae(model, sae, prompts)
-    run_dir = new_run_dir(args.runs_dir, "sae-eval")
-    write_json(run_dir / "metrics.json", metrics)
     report = (f"# SAE evaluation: `{args.sae}` at `{sae.hook_name}`\n\nData: {data}, split {args.split}, content tokens.\n\n"
               + metrics.markdown())
-    atomic_write_text(run_dir / "report.md", report)
-    write_run_manifest(run_dir, command="sae eval", config={"sae": str(args.sae), "data": data, "split": args.split,
-                                                           "max_prompts": args.max_prompts},
-                       seed=None, processing=ms.models.model_info(model).processing)
+    with start_run(args.runs_dir, "sae eval", config={"sae": str(args.sae), "data": data, "split": args.split,
+                                                      "max_prompts": args.max_prompts},
+                   processing=ms.models.model_info(model).processing) as run:
+        run.write_json("metrics.json", metrics)
+        run.write_text("report.md", report)
     print(report)
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.path}")
     return 0
 
 
@@ -129,7 +128,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     import tempfile
 
     import mechsafe as ms
-    from mechsafe.runs import atomic_dir, atomic_write_text, new_run_dir, write_json, write_run_manifest
+    from mechsafe.runs import start_run
     from mechsafe.sae import inspect_features, load_sae
     from mechsafe.sae.inspect import latents_on_text
 
@@ -158,12 +157,10 @@ def run_inspect(args: argparse.Namespace) -> int:
                                        activation_root=args.activation_root or scratch)
         lines = [r.markdown() for r in reports]
         results = {"features": [dataclasses.asdict(r) for r in reports]}
-    run_dir = new_run_dir(args.runs_dir, "sae-inspect")
-    with atomic_dir(run_dir) as tmp:
-        atomic_write_text(tmp / "report.md", "\n".join(lines) + "\n")
-        write_json(tmp / "results.json", results)
-        write_run_manifest(tmp, command="sae inspect", config={k: v for k, v in vars(args).items() if k != "func"},
-                           seed=None, processing=ms.models.model_info(model).processing)
+    with start_run(args.runs_dir, "sae inspect", config={k: v for k, v in vars(args).items() if k != "func"},
+                   processing=ms.models.model_info(model).processing) as run:
+        run.write_text("report.md", "\n".join(lines) + "\n")
+        run.write_json("results.json", results)
     print("\n".join(lines))
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run.path}")
     return 0

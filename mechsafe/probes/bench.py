@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from mechsafe.probes.methods import (Candidate, baseline_candidates, dense_candi
                                      tfidf_estimator)
 from mechsafe.probes.splits import BenchSplit, make_split
 from mechsafe.probes.store import save_probe
-from mechsafe.runs import atomic_dir, new_run_dir, write_run_manifest
+from mechsafe.runs import start_run
 
 logger = logging.getLogger(__name__)
 
@@ -187,27 +186,25 @@ def _write_run(result: BenchResult, model, split: BenchSplit, runs_dir: str | os
     from mechsafe.probes.report import write_artifacts
 
     cfg = result.config
-    run_dir = new_run_dir(runs_dir, COMMAND, tag=cfg.name or "")
     try:
-        with atomic_dir(run_dir) as tmp:
+        with start_run(runs_dir, COMMAND, config=cfg.to_dict(), seed=cfg.seed, processing=result.model.get("processing"),
+                       tag=cfg.name or "") as run:
             for method, r in result.best.items():
                 if method.startswith("dense") and r.estimator is not None:
                     fname = f"probe-{method.replace('/', '-')}.safetensors"
-                    save_probe(r.estimator, tmp / fname, _probe_meta(cfg, model, r, split))
+                    save_probe(r.estimator, run.tmp / fname, _probe_meta(cfg, model, r, split))
                     result.probes[method] = fname
             top = best_overall({m: r for m, r in result.best.items() if m in result.probes}, cfg.select_by)
             result.best_probe = result.probes[top.method] if top is not None else None
-            result.run_dir = run_dir
-            write_artifacts(result, tmp)
-            write_run_manifest(tmp, command=COMMAND, config=cfg.to_dict(), seed=cfg.seed,
-                               processing=result.model.get("processing"), timings=result.timings,
-                               extra={"model": result.model, "data": {k: result.data[k] for k in ("name", "fingerprint", "n")},
-                                      "run_dir": str(run_dir)})
+            result.run_dir = run.path
+            write_artifacts(result, run.tmp)
+            run.timings.update(result.timings)
+            run.extra.update({"model": result.model, "data": {k: result.data[k] for k in ("name", "fingerprint", "n")},
+                              "run_dir": str(run.path)})
     except BaseException:
         result.run_dir = None
-        shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return run_dir
+    return run.path
 
 
 def probe_bench(config: ProbeBenchConfig | str | os.PathLike, *, model=None, runs_dir: str | os.PathLike | None = "runs",
