@@ -142,6 +142,42 @@ class EvalResult:
             out["samples"] = self.samples
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalResult":
+        """The result back from :meth:`to_dict` (``samples`` when the dict has them)."""
+        est = {name: Estimate.from_dict(d[name]) if d.get(name) else None for name in cls.METRICS}
+        return cls(model=d["model"], n_harmful=d["n_harmful"], n_harmless=d["n_harmless"], samples=d.get("samples", []),
+                   config=d.get("config", {}), timings_s=d.get("timings_s", {}), **est)
+
+    def save(self, path) -> None:
+        """Write the result with its samples as JSON (:meth:`load` reads it back)."""
+        from mechsafe.runs import write_json
+
+        write_json(path, self.to_dict(samples=True))
+
+    @classmethod
+    def load(cls, path, model: str | None = None) -> "EvalResult":
+        """A result back from :meth:`save`'s file or a ``mechsafe eval`` run directory (its ``results.json`` and
+        ``samples.jsonl``); for a run of several models, ``model`` names the one to load."""
+        import json
+        from pathlib import Path
+
+        from mechsafe.runs import read_json
+
+        path = Path(path)
+        d = read_json(path / "results.json" if path.is_dir() else path)
+        if "models" in d:
+            names = [m["model"] for m in d["models"]]
+            if model not in names:
+                raise MechsafeError(f"{path} holds several models {names}; pass model= one of them")
+            d = d["models"][names.index(model)]
+        samples = path / "samples.jsonl"
+        if path.is_dir() and "samples" not in d and samples.is_file():
+            rows = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines() if line.strip()]
+            d = d | {"samples": [{k: v for k, v in r.items() if k != "model"} for r in rows
+                                 if r.get("model", d["model"]) == d["model"]]}
+        return cls.from_dict(d)
+
     def markdown(self) -> str:
         """The metrics as a markdown table (value and 95% interval)."""
         rows = ["| metric | value | 95% CI | n |", "|---|---|---|---|"]

@@ -90,6 +90,18 @@ class FinetuneResult:
                 "merged": self.merged, "resumed_from": self.resumed_from, "seconds": round(self.seconds, 3),
                 "run_dir": str(self.run_dir) if self.run_dir else None}
 
+    @classmethod
+    def load(cls, run_dir: str | Path, model: HookedTransformer | None = None) -> "FinetuneResult":
+        """A finished run back from its directory (``run.json`` and ``losses.json``); the trained weights are not
+        part of it: pass the model saved from it (``mechsafe.load_model``) as ``model`` if needed."""
+        run_dir = Path(run_dir)
+        manifest, losses = read_json(run_dir / "run.json"), read_json(run_dir / "losses.json")
+        if manifest.get("command") != "finetune":
+            raise MechsafeError(f"{run_dir} is not a finished fine-tuning run (no finetune run.json); check the path")
+        return cls(model=model, losses=losses["losses"], terms=losses["terms"], config=FinetuneConfig(**manifest["config"]),
+                   steps=manifest["steps"], merged=manifest["merged"], resumed_from=manifest["resumed_from"],
+                   seconds=manifest["timings_s"]["finetune"], run_dir=run_dir)
+
 
 def example_order(step: int, config: FinetuneConfig, n: int) -> list[list[int]]:
     """Pooled-example indices of each micro-batch of optimizer step ``step`` (0-based).
@@ -414,7 +426,7 @@ def finetune(model: HookedTransformer, objectives: Objective | Sequence[Objectiv
                                   "objectives": [{"name": o.name, "weight": o.weight, "n_examples": len(o.examples)}
                                                  for o in objectives],
                                   "n_pooled_examples": len(seqs), "grad_transforms": [type(t).__name__ for t in transforms],
-                                  "resumed_from": resumed_from, "steps": step,
+                                  "resumed_from": resumed_from, "steps": step, "merged": merged,
                                   "final_loss": losses[-1] if losses else None})
     return result
 

@@ -79,6 +79,20 @@ class BenchResult:
                 "results": [r.to_dict() for r in self.results], "probes": self.probes, "best_probe": self.best_probe,
                 "timings_s": self.timings}
 
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> "BenchResult":
+        """A finished run back from its directory's ``results.json`` (metrics, comparisons and probe files; the
+        estimators themselves load with :func:`mechsafe.probes.load`)."""
+        from mechsafe.runs import read_json
+
+        d = read_json(Path(run_dir) / "results.json")
+        return cls(config=ProbeBenchConfig(**{k: v for k, v in d["config"].items() if k != "ood"},
+                                           ood=d["config"].get("ood")),
+                   run_dir=Path(run_dir), results=[CandidateResult.from_dict(r) for r in d["results"]],
+                   best={m: CandidateResult.from_dict(r) for m, r in d["best"].items()},
+                   comparisons=[Comparison.from_dict(c) for c in d["comparisons"]], data=d["data"], model=d["model"],
+                   hooks=d["hooks"], probes=d["probes"], best_probe=d["best_probe"], timings=d["timings_s"])
+
 
 def _load_data(cfg: ProbeBenchConfig) -> BenchSplit:
     prompts = data_mod.load(cfg.data, **cfg.data_kwargs())

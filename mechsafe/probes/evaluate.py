@@ -55,6 +55,13 @@ class CandidateResult:
                 "val": self.val, "test": {k: v.to_dict() for k, v in self.test.items()},
                 "confusion": self.confusion, "fit_seconds": round(self.fit_seconds, 3)}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CandidateResult":
+        """The result back from :meth:`to_dict` (without the test probabilities and the estimator)."""
+        return cls(method=d["method"], layer=d["layer"], pooling=d["pooling"], c=d["C"], val=d["val"],
+                   test={k: Estimate.from_dict(v) for k, v in d["test"].items()}, confusion=d["confusion"],
+                   fit_seconds=d["fit_seconds"])
+
 
 @dataclasses.dataclass
 class Comparison:
@@ -80,6 +87,11 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b, "metric": self.metric, "a_value": self.a_value.to_dict(),
                 "b_value": self.b_value.to_dict(), "difference": self.difference.to_dict(), "verdict": self.verdict}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Comparison":
+        return cls(d["a"], d["b"], d["metric"], Estimate.from_dict(d["a_value"]), Estimate.from_dict(d["b_value"]),
+                   Estimate.from_dict(d["difference"]), d["verdict"])
 
 
 def _full_proba(estimator: Any, X: Any, n_classes: int) -> np.ndarray:

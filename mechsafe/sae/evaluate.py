@@ -83,6 +83,17 @@ class SAEMetrics:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def load(cls, path) -> "SAEMetrics":
+        """Metrics back from a ``metrics.json`` file (or the ``mechsafe sae eval`` run directory holding it)."""
+        from pathlib import Path
+
+        from mechsafe.runs import read_json
+
+        path = Path(path)
+        d = read_json(path / "metrics.json" if path.is_dir() else path)
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
     def markdown(self) -> str:
         """A markdown table of the metrics."""
         rows = [

@@ -270,6 +270,11 @@ def test_cli_eval_takes_prompt_only_files_whole_and_compares_models_on_the_same_
     (c,) = res2["comparisons"]
     assert c["refusal_rate_difference"]["value"] == 0 and c["over_refusal_difference"]["value"] == 0  # same model
     assert "Paired differences" in (run2 / "report.md").read_text()
+    single = ev.EvalResult.load(run)  # a run directory loads back, samples included
+    assert single.n_harmful == 200 and single.refusal_rate.to_dict() == rate and len(single.samples) == 210
+    with pytest.raises(MechsafeError, match="several models"):
+        ev.EvalResult.load(run2)
+    assert ev.EvalResult.load(run2, model=str(hf_dir)).n_harmless == 10
 
 
 def test_cli_eval_bad_files_fail_with_one_line_and_write_nothing(hf_dir, tmp_path, capsys):
@@ -287,3 +292,10 @@ def test_cli_eval_bad_files_fail_with_one_line_and_write_nothing(hf_dir, tmp_pat
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
     assert not runs.exists()
+
+
+def test_an_eval_result_saves_and_loads_back(tiny_model, tmp_path):
+    res = ev.evaluate(tiny_model, PROMPTS[:2], PROMPTS[3:], max_new_tokens=2, utility=False, progress=False)
+    res.save(tmp_path / "r.json")
+    back = ev.EvalResult.load(tmp_path / "r.json")
+    assert back.to_dict(samples=True) == res.to_dict(samples=True) and back.refusal_rate == res.refusal_rate

@@ -751,3 +751,14 @@ def test_grad_transforms_are_checked(tiny_model):
     with pytest.raises(MechsafeError, match="at least one"):
         ms.finetune.Freeze({})
     assert all(p.requires_grad for p in tiny_model.parameters())
+
+
+def test_a_finished_run_loads_back(tmp_path):
+    from mechsafe.finetune import FinetuneResult
+
+    cfg = FinetuneConfig(steps=3, batch_size=3, lr=1e-2, targets=ALL)
+    result = finetune(make_tiny_model(), terms([0]), cfg, run_dir=tmp_path, progress=False)
+    back = FinetuneResult.load(tmp_path)
+    assert back.to_dict() | {"seconds": 0} == result.to_dict() | {"seconds": 0, "run_dir": str(tmp_path)}
+    with pytest.raises(MechsafeError, match="does not exist"):
+        FinetuneResult.load(tmp_path / "nowhere")

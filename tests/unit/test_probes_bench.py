@@ -317,3 +317,12 @@ def test_a_pickle_in_place_of_a_probe_is_refused_without_running_it(tmp_path):
     assert not marker.exists()  # nothing was unpickled
     load(tmp_path / "probe-dense-last.joblib", allow_pickle=True)  # the explicit opt-in does unpickle it
     assert marker.exists()
+
+
+def test_a_bench_run_loads_back_from_its_directory(first_run):
+    from mechsafe.probes import BenchResult
+
+    result, _ = first_run
+    back = BenchResult.load(result.run_dir)
+    assert back.to_dict() == json.loads((result.run_dir / "results.json").read_text())
+    assert back.best_probe == result.best_probe and back.comparisons[0].verdict == result.comparisons[0].verdict

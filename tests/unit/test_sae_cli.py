@@ -42,6 +42,9 @@ def test_train_eval_inspect_from_the_command_line(recipe, tmp_path, capsys, monk
     (run_dir,) = (tmp_path / "runs").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_prompts"] == 4 and metrics["hook_name"] == "blocks.1.hook_resid_post"
+    from mechsafe.sae import SAEMetrics
+
+    assert SAEMetrics.load(run_dir).to_dict() == metrics  # an evaluation loads back from its run directory
 
     runs = tmp_path / "inspect-runs"
     monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
