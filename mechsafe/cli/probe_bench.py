@@ -11,33 +11,14 @@ Every field of :class:`mechsafe.probes.ProbeBenchConfig` is also a flag that ove
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import types
 import typing
 from pathlib import Path
 
-from mechsafe.cli.common import add_data_args, add_runs_arg, data_kwargs
+from mechsafe.cli.common import add_config_flags, add_data_args, add_runs_arg, base_type, data_kwargs
 from mechsafe.errors import MechsafeError
 
 _DATA_FIELDS = ("data", "text_column", "label_column", "label_map", "group_column")
 _OOD_FLAGS = {"ood_train_groups": "train_groups", "ood_test_groups": "test_groups", "ood_test_data": "test_data"}
-
-
-def _base_type(tp):
-    """``int`` for ``int``, ``str`` for ``str | None``, ``list`` for ``list[float]``..."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base_type(args[0]) if len(args) == 1 else str
-    return origin or tp
-
-
-def _plain(doc: str | None) -> str:
-    """A field docstring without reST markup, for ``--help``."""
-    import re
-
-    doc = re.sub(r":\w+:`([^`]+)`", r"\1", doc or "")
-    return doc.replace("``", "").replace("%", "%%")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,25 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_parser(sub: argparse._SubParsersAction, name: str) -> None:
-    from mechsafe.probes.config import ProbeBenchConfig, field_help
+    from mechsafe.probes.config import ProbeBenchConfig
 
     p = sub.add_parser(name, help="per-layer probes vs TF-IDF and majority baselines, with CIs",
                        description="Run a probe benchmark preset; any config field can be overridden by its flag.")
     p.add_argument("preset", nargs="?", help="YAML/TOML preset (e.g. probes/harmful_vs_harmless.yaml)")
     add_data_args(p)
     add_runs_arg(p)
-    helps = field_help()
-    for f in dataclasses.fields(ProbeBenchConfig):
-        if f.name in _DATA_FIELDS or f.name == "ood":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(typing.get_type_hints(ProbeBenchConfig)[f.name])
-        if kind is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=_plain(helps.get(f.name)))
-        else:
-            p.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                           help=_plain(helps.get(f.name)) + (" (comma list)" if kind is list else ""))
+    add_config_flags(p, ProbeBenchConfig, skip=(*_DATA_FIELDS, "ood"))
     p.add_argument("--ood-train-groups", default=argparse.SUPPRESS, metavar="G1,G2",
                    help="out-of-distribution split: groups to train/validate on (comma list)")
     p.add_argument("--ood-test-groups", default=argparse.SUPPRESS, metavar="G3,G4",
@@ -98,7 +68,7 @@ def _score_parser(sub: argparse._SubParsersAction, name: str) -> None:
 def _convert(name: str, text: str):
     from mechsafe.probes.config import ProbeBenchConfig
 
-    kind = _base_type(typing.get_type_hints(ProbeBenchConfig)[name])
+    kind = base_type(typing.get_type_hints(ProbeBenchConfig)[name])
     if kind in (int, float):
         try:
             return kind(text)

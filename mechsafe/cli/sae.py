@@ -20,7 +20,8 @@ from mechsafe.errors import MechsafeError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from mechsafe.sae.config import SAETrainConfig, field_docs
+    from mechsafe.cli.common import add_config_flags
+    from mechsafe.sae.config import SAETrainConfig
 
     p = sub.add_parser("sae", help="train, evaluate and inspect SAEs (SAE-Lens)")
     group = p.add_subparsers(dest="sae_command", metavar="ACTION")
@@ -32,10 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--activation-root", help="activation-store folder (default: $MECHSAFE_CACHE/activations)")
     t.add_argument("--no-progress", action="store_true", help="hide progress bars")
     overrides = t.add_argument_group("recipe overrides (any SAETrainConfig field)")
-    docs = field_docs()
-    for field in dataclasses.fields(SAETrainConfig):
-        overrides.add_argument(f"--{field.name.replace('_', '-')}", dest=f"cfg_{field.name}", metavar="VALUE",
-                               help=docs.get(field.name, "").replace("%", "%%"))
+    add_config_flags(overrides, SAETrainConfig, dest=lambda name: f"cfg_{name}")
     t.set_defaults(func=run_train)
 
     e = group.add_parser("eval", help="evaluate a saved SAE on held-out prompts (L0, EV, MSE, dead/dense, CE)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -193,25 +192,6 @@ def _as_list(value: Any, kind: type) -> list:
 def field_names() -> list[str]:
     """The keys a preset may set."""
     return [f.name for f in dataclasses.fields(ProbeBenchConfig)]
-
-
-def field_help() -> dict[str, str]:
-    """Each field's documentation (the string under it in the class body), for the CLI help."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(ProbeBenchConfig))
-    body = tree.body[0].body
-    out = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            out[node.target.id] = " ".join(str(nxt.value.value).split())
-    return out
-
-
-def field_type(name: str) -> Any:
-    """The resolved type annotation of a config field."""
-    return typing.get_type_hints(ProbeBenchConfig)[name]
 
 
 def _check_keys(mapping: Mapping[str, Any], cls: type, where: str) -> None:

@@ -139,20 +139,6 @@ class SAETrainConfig:
         return self.training_tokens // self.batch_size
 
 
-def field_docs() -> dict[str, str]:
-    """The docstring under each :class:`SAETrainConfig` field (for ``--help``)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(SAETrainConfig))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
 def _coerce(field: dataclasses.Field, value: Any) -> Any:
     """Turn a YAML/CLI value into the field's type (``None`` / ``null`` stay ``None`` for optional fields)."""
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in str(field.type)):

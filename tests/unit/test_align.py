@@ -218,3 +218,18 @@ def test_the_code_fingerprint_ignores_documentation_and_follows_code(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "x"}\n')
     assert _code(data) == data.read_bytes()
+
+
+def test_cli_flags_are_the_config_fields(capsys):
+    from mechsafe.cli import build_parser
+    from mechsafe.cli.common import config_values
+
+    args = build_parser().parse_args(["align", "--harmful-limit", "4", "--eval-limit", "none", "--preference-weight",
+                                      "0", "--no-utility", "--eval-split", "val", "--seed", "3"])
+    values = config_values(al.AlignConfig, args)
+    assert values == {"harmful_limit": 4, "eval_limit": None, "preference_weight": 0.0, "utility": False,
+                      "eval_split": "val", "seed": 3}  # only what was written; the rest keeps the recipe's defaults
+    cfg = al.AlignConfig(**values)
+    assert cfg.answer_tokens == al.AlignConfig().answer_tokens and cfg.preference_weight == 0.0
+    assert main(["align", "--harmful-limit", "four"]) == 2
+    assert "--harmful-limit expects an integer, got 'four'" in capsys.readouterr().err

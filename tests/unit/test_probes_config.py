@@ -10,14 +10,23 @@ import pytest
 import mechsafe as ms
 from mechsafe.errors import MechsafeError
 from mechsafe.probes import OODSplit, ProbeBenchConfig, load_config
-from mechsafe.probes.config import field_help, field_names
+from mechsafe.cli.common import field_docs
+from mechsafe.probes.config import field_names
 from mechsafe.probes.splits import make_split
 
 PRESETS = Path(__file__).resolve().parents[2] / "probes"
 
 
 def test_every_config_field_is_documented():
-    assert set(field_help()) == set(field_names())
+    from mechsafe.align import AlignConfig
+    from mechsafe.finetune import FinetuneConfig
+    from mechsafe.sae import SAETrainConfig
+
+    assert set(field_docs(ProbeBenchConfig)) == set(field_names())
+    for cls in (SAETrainConfig, FinetuneConfig, AlignConfig):
+        import dataclasses
+
+        assert set(field_docs(cls)) == {f.name for f in dataclasses.fields(cls)}, cls.__name__
 
 
 @pytest.mark.parametrize("name", ["harmful_vs_harmless", "toxicity_vs_other_harm", "harm_category",
