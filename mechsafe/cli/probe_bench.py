@@ -11,10 +11,9 @@ Every field of :class:`mechsafe.probes.ProbeBenchConfig` is also a flag that ove
 from __future__ import annotations
 
 import argparse
-import typing
 from pathlib import Path
 
-from mechsafe.cli.common import add_config_flags, add_data_args, add_runs_arg, base_type, data_kwargs
+from mechsafe.cli.common import add_config_flags, add_data_args, add_runs_arg, config_values, data_kwargs
 from mechsafe.errors import MechsafeError
 
 _DATA_FIELDS = ("data", "text_column", "label_column", "label_map", "group_column")
@@ -65,28 +64,11 @@ def _score_parser(sub: argparse._SubParsersAction, name: str) -> None:
     s.set_defaults(func=run_score)
 
 
-def _convert(name: str, text: str):
-    from mechsafe.probes.config import ProbeBenchConfig
-
-    kind = base_type(typing.get_type_hints(ProbeBenchConfig)[name])
-    if kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            raise MechsafeError(f"--{name.replace('_', '-')} needs a {kind.__name__}, got {text!r}") from None
-    return text
-
-
 def config_from_args(args: argparse.Namespace):
     """The :class:`ProbeBenchConfig` a parsed command line describes (preset + overrides)."""
-    from mechsafe.probes.config import OODSplit, field_names, load_config, read_preset
+    from mechsafe.probes.config import OODSplit, ProbeBenchConfig, load_config, read_preset
 
-    overrides = {}
-    for name in field_names():
-        if name in _DATA_FIELDS or name == "ood" or name not in vars(args):
-            continue
-        value = getattr(args, name)
-        overrides[name] = value if isinstance(value, bool) else _convert(name, value)
+    overrides = {k: v for k, v in config_values(ProbeBenchConfig, args).items() if k not in _DATA_FIELDS and k != "ood"}
     if getattr(args, "data", None):
         overrides["data"] = args.data
     overrides.update(data_kwargs(args))

@@ -94,7 +94,7 @@ def test_cli_local_file_with_overrides_then_score(files, patched_model, capsys, 
     (["--methods", "dense,svm"], "unknown method"),
     (["--data", "no/such/file.jsonl"], "does not exist"),
     (["--layers", "7"], "out of range"),
-    (["--cv-folds", "two"], "needs a int"),
+    (["--cv-folds", "two"], "--cv-folds expects an integer"),
 ])
 def test_cli_bad_input_exits_2_without_run_dir(files, patched_model, capsys, tmp_path, argv_tail, message):
     _, _, preset = files
