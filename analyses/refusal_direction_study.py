@@ -54,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="means over every TRAIN prompt (default: only those the model treats as their class)")
     p.add_argument("--no-filter-val", action="store_true",
                    help="select on every one of the first --n-val VALIDATION prompts (default: filtered like TRAIN)")
-    p.add_argument("--keep-sink", action="store_true",
-                   help="use the raw difference in means (do not project off the first position's residual writes)")
+    p.add_argument("--orthogonal-to-sink", action=argparse.BooleanOptionalAction, default=True,
+                   help="project candidates off the first position's residual writes (default: on; --no-orthogonal-to-sink "
+                        "uses the raw difference in means)")
     p.add_argument("--no-utility", action="store_true", help="skip arithmetic accuracy and answer NLL")
     p.add_argument("--no-base-eval", action="store_true", help="evaluate only the studied model (KL to the base is kept)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if rd is None:
         cfg = SelectionConfig(positions=args.positions, layers=args.layers, layer_step=args.layer_step,
-                              n_val=args.n_val, batch_size=args.batch_size, orthogonal_to_sink=not args.keep_sink,
+                              n_val=args.n_val, batch_size=args.batch_size, orthogonal_to_sink=args.orthogonal_to_sink,
                               filter_train=not args.no_filter_train, filter_val=not args.no_filter_val)
         rd = select_refusal_direction(model, harmful_set, harmless_set, config=cfg, progress=False)
     timings["select"] = time.perf_counter() - t0

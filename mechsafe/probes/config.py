@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mechsafe.errors import MechsafeError, check_keys
+from mechsafe.presets import read_preset
 from mechsafe.hooks import check_kind
 
 METHODS = ("dense", "majority", "tfidf")
@@ -196,31 +197,6 @@ def field_names() -> list[str]:
 
 def _check_keys(mapping: Mapping[str, Any], cls: type, where: str) -> None:
     check_keys(mapping, [f.name for f in dataclasses.fields(cls)], f"{where} key")
-
-
-def read_preset(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML or TOML preset into a mapping (keys are checked by :func:`load_config`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MechsafeError(f"preset {path} does not exist; see probes/ for the shipped presets")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            raw = tomllib.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text)
-    except Exception as exc:  # noqa: BLE001 - yaml and toml raise their own error types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MechsafeError(f"could not parse preset {path} ({first}); check its syntax") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise MechsafeError(f"preset {path} must be a mapping of config keys, not a {type(raw).__name__}")
-    return raw
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ProbeBenchConfig:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 from mechsafe.errors import MechsafeError, check_keys
+from mechsafe.presets import read_preset
 from mechsafe.hooks import check_kind
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
@@ -173,18 +173,7 @@ def make_config(values: Mapping[str, Any] | None = None, **overrides: Any) -> SA
 
 def load_recipe(path: str | os.PathLike, **overrides: Any) -> SAETrainConfig:
     """Read a YAML recipe and apply keyword overrides."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise MechsafeError(f"SAE recipe {path} does not exist; pass a YAML file such as sae/smollm2-resid-mid.yaml")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise MechsafeError(f"SAE recipe {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
-    if not isinstance(values, dict):
-        raise MechsafeError(f"SAE recipe {path} must be a mapping of config fields")
-    return make_config(values, **overrides)
+    return make_config(read_preset(path, "SAE recipe", "sae/smollm2-resid-mid.yaml"), **overrides)
 
 
 def training_sae_config(config: SAETrainConfig, d_in: int, hook_name: str, model_name: str = ""):
