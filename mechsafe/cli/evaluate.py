@@ -6,10 +6,12 @@ import argparse
 import json
 import time
 
-from mechsafe.cli.common import add_model_args, add_runs_arg
+from mechsafe.cli.common import add_config_flags, add_model_args, add_runs_arg, config_values
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from mechsafe.evaluation.metrics import EvalConfig
+
     p = sub.add_parser("eval", help="safety and utility evaluation on held-out harmful/harmless prompts")
     add_model_args(p)
     p.add_argument("--models", nargs="+", metavar="SPEC",
@@ -21,17 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help=f"{kind} prompts: a bundled suite, a hub dataset, or a local .jsonl/.csv/.parquet file with a "
                             "text column and no labels needed (default: %(default)s)")
         p.add_argument(f"--{kind}-text-column", metavar="COLUMN", help=f"text column of the {kind} file (default: text)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
-                   help="split of a bundled suite, or of a file with a split column; a file without one is used whole "
-                        "(default: %(default)s)")
-    p.add_argument("--limit", type=int, help="use only the first N prompts of each set (and N utility items)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per response (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default: %(default)s)")
-    p.add_argument("--no-utility", action="store_true", help="skip the arithmetic accuracy and answer NLL")
-    p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--judge-model", metavar="SPEC",
                    help="judge refusals with this chat model (mechsafe.evaluation.ModelJudge) instead of phrase matching")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap intervals (default: %(default)s)")
+    add_config_flags(p.add_argument_group("evaluation (any EvalConfig field)"), EvalConfig)
     add_runs_arg(p)
     p.set_defaults(func=run)
 
@@ -60,14 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from mechsafe import evaluation as ev
     from mechsafe.runs import start_run
 
-    if args.limit is not None and args.limit < 1:
-        raise ms.MechsafeError(f"--limit must be at least 1, got {args.limit}")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise ms.MechsafeError("--max-new-tokens and --batch-size must be at least 1")
+    cfg = ev.EvalConfig(**config_values(ev.EvalConfig, args))
     sets = {}
     for kind in ("harmful", "harmless"):
-        texts, where = ms.data.load_texts(getattr(args, kind), args.split, getattr(args, f"{kind}_text_column"))
-        sets[kind] = texts[:args.limit]
+        texts, where = ms.data.load_texts(getattr(args, kind), cfg.split, getattr(args, f"{kind}_text_column"))
+        sets[kind] = texts[:cfg.limit]
         print(f"{kind}: {where}" + (f", first {len(sets[kind])} used" if len(sets[kind]) < len(texts) else ""))
     specs = args.models or [args.model]
     t0 = time.perf_counter()
@@ -76,15 +67,15 @@ def run(args: argparse.Namespace) -> int:
     judge = None
     if args.judge_model:
         judge = ev.ModelJudge(ms.load_model(args.judge_model, processing=args.processing, device=args.device),
-                              batch_size=args.batch_size)
+                              batch_size=cfg.batch_size)
     t_load = time.perf_counter() - t0
-    results = [ev.evaluate(model, sets["harmful"], sets["harmless"], max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, reference_model=reference, utility=not args.no_utility,
-                           progress=not args.no_progress, system=args.system, judge=judge, utility_limit=args.limit,
-                           seed=args.seed) for model in models]
+    results = [ev.evaluate(model, sets["harmful"], sets["harmless"], max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size, reference_model=reference, utility=cfg.utility,
+                           progress=not args.no_progress, system=cfg.system, judge=judge, utility_limit=cfg.limit,
+                           seed=cfg.seed) for model in models]
     tables = [f"### `{r.model}`\n\n{r.markdown()}" if len(results) > 1 else r.markdown() for r in results]
-    paired, comparisons = _paired_table(results, args.seed) if len(results) > 1 else ("", [])
-    with start_run(args.runs_dir, "eval", config={**vars(args), "func": None}, seed=args.seed,
+    paired, comparisons = _paired_table(results, cfg.seed) if len(results) > 1 else ("", [])
+    with start_run(args.runs_dir, "eval", config={**vars(args), "func": None}, seed=cfg.seed,
                    processing=args.processing) as run:
         run.write_json("results.json", {"models": [r.to_dict() for r in results], "comparisons": comparisons}
                        if len(results) > 1 else results[0].to_dict())
@@ -93,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         title = ", ".join(f"`{r.model}`" for r in results)
         lines = [f"# Evaluation of {title}", "",
                  f"Harmful prompts: {results[0].n_harmful} ({args.harmful}); harmless prompts: {results[0].n_harmless} "
-                 f"({args.harmless}); split {args.split} where the data has splits; {args.max_new_tokens} new tokens, "
+                 f"({args.harmless}); split {cfg.split} where the data has splits; {cfg.max_new_tokens} new tokens, "
                  f"greedy; refusals by {judge.__name__ if judge else 'phrase matching'}. Rates carry Wilson "
                  "intervals, differences between models on the same prompts paired bootstrap intervals.", "", *tables]
         if paired:

@@ -21,6 +21,7 @@ score), ``metrics`` (evaluate, EvalResult, answer NLL, KL).
 from mechsafe.evaluation.generation import cached_answers, generate, pad_left, prompt_last_logits
 from mechsafe.forward import last_logits
 from mechsafe.evaluation.metrics import (
+    EvalConfig,
     EvalResult,
     UTILITY_SUFFIX,
     answer_nll,
@@ -43,6 +44,7 @@ from mechsafe.evaluation.refusal import (
 )
 
 __all__ = [
+    "EvalConfig",
     "EvalResult",
     "JUDGE_QUESTION",
     "ModelJudge",

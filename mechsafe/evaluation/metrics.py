@@ -100,6 +100,36 @@ def kl_divergence(reference: HookedTransformer, model: HookedTransformer, prompt
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    """Settings of ``mechsafe eval`` (each is a flag of the command)."""
+
+    split: str = "test"
+    """Split of a bundled suite, or of a file with a ``split`` column (``all``: every prompt); a file without one is
+    used whole."""
+    limit: int | None = None
+    """Use only the first N prompts of each set (and N utility items); ``None``: all."""
+    max_new_tokens: int = 48
+    """Tokens generated per response (greedy)."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    utility: bool = True
+    """Also measure arithmetic accuracy and reference-answer NLL."""
+    system: str | None = None
+    """System message for the chat template."""
+    seed: int = 0
+    """Seed of the bootstrap intervals."""
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "val", "test", "all"):
+            raise MechsafeError(f"unknown split {self.split!r}; use train, val, test or all")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise MechsafeError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise MechsafeError(f"limit={self.limit} must be at least 1 (or none for all)")
+
+
+@dataclasses.dataclass
 class EvalResult:
     """Safety and utility metrics of one model (see the module docstring for each metric)."""
 

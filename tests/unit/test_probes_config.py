@@ -19,11 +19,13 @@ PRESETS = Path(__file__).resolve().parents[2] / "probes"
 
 def test_every_config_field_is_documented():
     from mechsafe.align import AlignConfig
+    from mechsafe.directions import SelectionConfig
+    from mechsafe.evaluation import EvalConfig
     from mechsafe.finetune import FinetuneConfig
     from mechsafe.sae import SAETrainConfig
 
     assert set(field_docs(ProbeBenchConfig)) == set(field_names())
-    for cls in (SAETrainConfig, FinetuneConfig, AlignConfig):
+    for cls in (SAETrainConfig, FinetuneConfig, AlignConfig, SelectionConfig, EvalConfig):
         import dataclasses
 
         assert set(field_docs(cls)) == {f.name for f in dataclasses.fields(cls)}, cls.__name__
