@@ -179,11 +179,12 @@ def writing_weights(model: HookedTransformer) -> list[tuple[str, nn.Parameter]]:
         out.append(("pos_embed.W_pos", pos))
     for layer in range(model.cfg.n_layers):
         for kind, bias in (("attn.W_O", "b_O"), ("mlp.W_out", "b_out")):
-            if _module(model, layer, kind.split(".")[0]) is None:
+            module = _module(model, layer, kind.split(".")[0])
+            if module is None:
                 continue
             handle = weight(model, kind, layer)
             out.append((handle.name, handle.parameter))
-            b = getattr(_module(model, layer, kind.split(".")[0]), bias, None)
+            b = getattr(module, bias, None)
             if isinstance(b, nn.Parameter):
                 out.append((handle.name.rsplit(".", 1)[0] + f".{bias}", b))
     return out

@@ -98,7 +98,8 @@ class Description:
         return "\n".join(lines)
 
 
-def _groups_of(keys: list[str]) -> list[list[int]]:
+def duplicate_groups(keys: list[str]) -> list[list[int]]:
+    """Groups of the indices whose keys are equal (groups of one left out), in order of first appearance."""
     where: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
         where.setdefault(k, []).append(i)
@@ -143,9 +144,9 @@ def describe(prompts: PromptSet, near_threshold: float = 0.8, short_words: int =
     length = {c: {"mean": float(words[m].mean()), "median": float(np.median(words[m])), "min": float(words[m].min()),
                   "max": float(words[m].max())}
               for c in names if (m := np.array([k == c for k in classes])).any()}
-    exact = _groups_of(texts)
+    exact = duplicate_groups(texts)
     in_exact = {i for g in exact for i in g}
-    normalized = [g for g in _groups_of([normalize(t) for t in texts]) if not set(g) <= in_exact
+    normalized = [g for g in duplicate_groups([normalize(t) for t in texts]) if not set(g) <= in_exact
                   and len({texts[i] for i in g}) > 1]
     dup_sets = [set(g) for g in exact + normalized]
     same_group = {(a, b) for g in dup_sets for a in g for b in g}

@@ -116,15 +116,13 @@ def _load_data(cfg: ProbeBenchConfig) -> BenchSplit:
 
 def duplicates_across_splits(split: BenchSplit) -> list[list[int]]:
     """Groups of rows with the same normalized text that lie in more than one of the split's train/val/test rows."""
-    from mechsafe.data.describe import normalize
+    from mechsafe.data.describe import duplicate_groups, normalize
 
     part = {int(i): name for name, rows in (("train", split.train), ("val", split.val), ("test", split.test))
             for i in rows}
-    where: dict[str, list[int]] = {}
-    for i, text in enumerate(split.prompts.texts):
-        if i in part:
-            where.setdefault(normalize(text), []).append(i)
-    return [g for g in where.values() if len({part[i] for i in g}) > 1]
+    rows = sorted(part)
+    groups = [[rows[j] for j in g] for g in duplicate_groups([normalize(split.prompts.texts[i]) for i in rows])]
+    return [g for g in groups if len({part[i] for i in g}) > 1]
 
 
 def _sae_probe_candidates():

@@ -326,3 +326,14 @@ def test_a_bench_run_loads_back_from_its_directory(first_run):
     back = BenchResult.load(result.run_dir)
     assert back.to_dict() == json.loads((result.run_dir / "results.json").read_text())
     assert back.best_probe == result.best_probe and back.comparisons[0].verdict == result.comparisons[0].verdict
+
+
+def test_duplicates_across_splits_are_found_up_to_case_and_punctuation():
+    from mechsafe.data import PromptSet
+    from mechsafe.probes.bench import duplicates_across_splits
+    from mechsafe.probes.splits import BenchSplit
+
+    texts = ["How to bake bread?", "how to bake bread", "Plan a picnic", "plan a picnic!", "Name a colour"]
+    ps = PromptSet("toy", texts, [0, 0, 1, 1, 0], ["a", "b"], ["g"] * 5, ["train"] * 5, [str(i) for i in range(5)], {})
+    split = BenchSplit(ps, np.array([0, 2, 3]), np.array([4]), np.array([1]), "in-distribution")
+    assert duplicates_across_splits(split) == [[0, 1]]  # 2 and 3 are duplicates within train only
