@@ -11,7 +11,7 @@ The public surface::
         out = ms.evaluation.generate(model, prompts.texts[:4])
 
 Heavier subpackages (``probes``, ``sae``, ``evaluation``, ``interventions``, ``directions``,
-``finetune``, ``align``, ``weights``, ``forward``) are imported on first attribute access.
+``finetune``, ``align``, ``snip``, ``weights``, ``forward``, ``distributed``) are imported on first attribute access.
 """
 
 import importlib
@@ -23,8 +23,8 @@ from mechsafe.models import DEFAULT_MODEL, load_model, save_model
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("activations", "align", "chat", "directions", "evaluation", "finetune", "forward", "interventions",
-                 "models", "probes", "runs", "sae", "stats", "weights")
+_LAZY_MODULES = ("activations", "align", "chat", "directions", "distributed", "evaluation", "finetune", "forward",
+                 "interventions", "models", "probes", "runs", "sae", "snip", "stats", "weights")
 _LAZY_FUNCTIONS = {"probe_bench": "mechsafe.probes"}
 
 

@@ -23,12 +23,22 @@ permanent: every matrix that writes into the residual stream (token embedding, a
 MLP output, and their biases) loses its component along r̂. :func:`orthogonalize_weights` edits the
 model in place and returns a handle whose ``undo()`` restores the original weights bit for bit;
 :func:`orthogonalized_copy` edits a deep copy instead.
+
+Pruning edits work the same way (an undo handle that is also a context manager, restoring bit-identical
+weights): :func:`prune_weights` zeroes the entries of boolean weight masks (e.g. a SNIP group),
+:func:`ablate_units` zeroes the weights of whole MLP neurons and attention heads, and :func:`remove_ranks` removes
+output directions from weights (ActSVD)::
+
+    with iv.prune_weights(model, group.masks):
+        texts = ms.evaluation.generate(model, prompts)
+    edit = iv.ablate_units(model, [(12, "neuron", 40), (3, "head", 2)]); ...; edit.undo()
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import logging
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -38,7 +48,7 @@ from transformer_lens import HookedTransformer
 
 from mechsafe.errors import MechsafeError
 from mechsafe.hooks import check_hook, hook_names, parse_layers
-from mechsafe.weights import writing_weights
+from mechsafe.weights import WEIGHT_KINDS, select, unit_masks, writing_weights
 
 logger = logging.getLogger(__name__)
 
@@ -309,30 +319,36 @@ def clamp_features(model: HookedTransformer, sae: Any, features: Mapping[int, fl
         yield model
 
 
-# --- weight orthogonalization ----------------------------------------------------------------
+# --- weight edits ---------------------------------------------------------------------------
 
-class OrthogonalizedWeights:
-    """Undo handle of :func:`orthogonalize_weights`; also a context manager that undoes on exit."""
+class WeightEdit:
+    """Undo handle of an in-place weight edit; also a context manager that undoes on exit.
 
-    def __init__(self, model: HookedTransformer, originals: dict[str, torch.Tensor],
-                 params: dict[str, torch.nn.Parameter]):
+    It keeps the original values of exactly the entries the edit changed (all of a parameter, or the entries of a
+    mask), so ``undo()`` restores the weights bit for bit.
+    """
+
+    def __init__(self, model: HookedTransformer, saved: Mapping[str, tuple[torch.nn.Parameter, torch.Tensor | None,
+                                                                              torch.Tensor]]):
         self.model = model
-        self._originals = originals
-        self._params = params
+        self._saved = dict(saved)
         self.undone = False
 
     @property
     def names(self) -> list[str]:
         """Names of the edited parameters."""
-        return list(self._params)
+        return list(self._saved)
 
     def undo(self) -> None:
         """Restore the original weights exactly (a no-op when already undone)."""
         if self.undone:
             return
         with torch.no_grad():
-            for name, param in self._params.items():
-                param.copy_(self._originals[name])
+            for param, mask, values in self._saved.values():
+                if mask is None:
+                    param.copy_(values)
+                else:
+                    param[mask] = values
         self.undone = True
 
     def __enter__(self) -> HookedTransformer:
@@ -342,7 +358,17 @@ class OrthogonalizedWeights:
         self.undo()
 
 
-def orthogonalize_weights(model: HookedTransformer, direction: torch.Tensor) -> OrthogonalizedWeights:
+def _full_edit(model: HookedTransformer, params: Mapping[str, torch.nn.Parameter],
+               edit: Callable[[str, torch.Tensor], torch.Tensor]) -> WeightEdit:
+    """Replace each parameter by ``edit(name, float64 copy)`` (cast back), keeping the originals for undo."""
+    saved = {name: (p, None, p.detach().clone()) for name, p in params.items()}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(edit(name, p.detach().to(torch.float64)).to(p.dtype))
+    return WeightEdit(model, saved)
+
+
+def orthogonalize_weights(model: HookedTransformer, direction: torch.Tensor) -> WeightEdit:
     """Edit every residual-writing weight so it cannot write along r̂: ``W ← W − (W r̂) r̂ᵀ``.
 
     Edits ``W_E`` [d_vocab, d_model], each attention ``W_O`` [n_heads, d_head, d_model] and
@@ -352,14 +378,14 @@ def orthogonalize_weights(model: HookedTransformer, direction: torch.Tensor) -> 
     """
     r_hat = _unit(direction, model.cfg.d_model)
     params = dict(writing_weights(model))
-    originals = {name: p.detach().clone() for name, p in params.items()}
-    with torch.no_grad():
-        for name, p in params.items():
-            w = p.detach().to(torch.float64)
-            r = r_hat.to(w.device)
-            p.copy_((w - (w @ r).unsqueeze(-1) * r).to(p.dtype))
+
+    def edit(name: str, w: torch.Tensor) -> torch.Tensor:
+        r = r_hat.to(w.device, torch.float64)
+        return w - (w @ r).unsqueeze(-1) * r
+
+    handle = _full_edit(model, params, edit)
     logger.info("orthogonalized %d weights against a direction", len(params))
-    return OrthogonalizedWeights(model, originals, params)
+    return handle
 
 
 def orthogonalized_copy(model: HookedTransformer, direction: torch.Tensor) -> HookedTransformer:
@@ -367,3 +393,66 @@ def orthogonalized_copy(model: HookedTransformer, direction: torch.Tensor) -> Ho
     clone = copy.deepcopy(model)
     orthogonalize_weights(clone, direction)
     return clone
+
+
+def prune_weights(model: HookedTransformer, masks: Mapping[str, torch.Tensor]) -> WeightEdit:
+    """Set the weights where ``masks[name]`` is True to zero (``name``: a parameter name, e.g. from
+    :func:`mechsafe.weights.select` or a saved group). Returns an undo handle."""
+    params = dict(model.named_parameters())
+    if not masks:
+        raise MechsafeError("no weight masks given; pass {parameter name: boolean mask}")
+    for name, mask in masks.items():
+        if name not in params:
+            close = difflib.get_close_matches(name, list(params), n=1)
+            raise MechsafeError(f"the model has no weight {name!r}{f' (did you mean {close[0]}?)' if close else ''}; "
+                                "masks must come from this model's weights")
+        if tuple(mask.shape) != tuple(params[name].shape) or mask.dtype != torch.bool:
+            raise MechsafeError(f"the mask of {name} is {mask.dtype} {tuple(mask.shape)}, the weight is "
+                                f"{tuple(params[name].shape)}; pass boolean masks of the weights' shapes")
+    saved = {}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            p, m = params[name], mask.to(params[name].device)
+            saved[name] = (p, m, p[m].clone())
+            p[m] = 0
+    logger.info("pruned %d weights in %d parameters", sum(int(m.sum()) for m in masks.values()), len(masks))
+    return WeightEdit(model, saved)
+
+
+def ablate_units(model: HookedTransformer, units: Sequence[tuple[int, str, int]],
+                 kinds: Sequence[str] = WEIGHT_KINDS) -> WeightEdit:
+    """Zero the weights of ``(layer, "neuron"|"head", index)`` units (see :func:`mechsafe.weights.unit_masks`);
+    an undo handle. Unlike :func:`ablate_neurons` (a hook on activations) this edits the weights."""
+    if not units:
+        raise MechsafeError("no units to ablate; pass (layer, 'neuron' or 'head', index) triples")
+    return prune_weights(model, unit_masks(model, units, kinds))
+
+
+def remove_ranks(model: HookedTransformer, directions: Mapping[str, torch.Tensor],
+                 keep: Mapping[str, torch.Tensor] | None = None) -> WeightEdit:
+    """Remove output directions from weights (ActSVD, Wei et al. 2024): with ``W`` the weight as a
+    ``d_out x d_in`` matrix and ``V = directions[name]`` (``d_out x r``, orthonormal columns), ``Π = V Vᵀ`` and
+    ``W ← W − Π W``; with ``keep[name] = V_u`` the orthogonal variant ``W ← W − (I − Π_u) Π W`` leaves the
+    ``V_u`` directions of the output alone. Returns an undo handle."""
+    if not directions:
+        raise MechsafeError("no directions to remove; pass {parameter name: d_out x r matrix}")
+    handles = {h.name: h for h in select(model, skip_missing=True)}
+    for name, v in directions.items():
+        if name not in handles:
+            raise MechsafeError(f"{name!r} is not a block weight of this model; name weights as mechsafe.weights.select does")
+        d_out = handles[name].as_matrix(handles[name].parameter).shape[1]
+        for which, t in (("directions", v), ("keep", (keep or {}).get(name))):
+            if t is not None and (t.dim() != 2 or t.shape[0] != d_out):
+                raise MechsafeError(f"{which} of {name} have shape {tuple(t.shape)}; expected [{d_out}, rank]")
+
+    def edit(name: str, w: torch.Tensor) -> torch.Tensor:
+        h = handles[name]
+        m = h.as_matrix(w)  # [d_in, d_out] = W^T
+        v = directions[name].to(w.device, torch.float64)
+        removed = (m @ v) @ v.T  # (Π W)^T = W^T Π
+        if keep is not None and name in keep:
+            u = keep[name].to(w.device, torch.float64)
+            removed = removed - (removed @ u) @ u.T  # ((I − Π_u) Π W)^T
+        return h.from_matrix(m - removed)
+
+    return _full_edit(model, {name: handles[name].parameter for name in directions}, edit)

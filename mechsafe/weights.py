@@ -162,11 +162,21 @@ def weight(model: HookedTransformer, kind: str, layer: int) -> WeightHandle:
                         input_hook=input_hook, input_norm_weight=norm_weight, parameter=params[attr])
 
 
+def has_kind(model: HookedTransformer, kind: str) -> bool:
+    """Whether the model's blocks have weight ``kind`` (``mlp.W_gate`` needs a gated MLP)."""
+    part, short = check_kinds(kind)[0].split(".")
+    module = _module(model, 0, part)
+    names = dict(module.named_parameters(recurse=False)) if module is not None else {}
+    return short in names or f"_{short}" in names
+
+
 def select(model: HookedTransformer, kinds: str | Sequence[str] = WEIGHT_KINDS,
-           layers: str | int | Sequence[int] = "all") -> list[WeightHandle]:
+           layers: str | int | Sequence[int] = "all", skip_missing: bool = False) -> list[WeightHandle]:
     """Handles of every weight of ``kinds`` in the blocks the layer selector picks, layer by layer
-    (in each layer in the order of ``kinds``)."""
+    (in each layer in the order of ``kinds``). ``skip_missing`` leaves out kinds the model lacks instead of raising."""
     kinds = check_kinds(kinds)
+    if skip_missing:
+        kinds = tuple(k for k in kinds if has_kind(model, k))
     return [weight(model, kind, layer) for layer in parse_layers(layers, model.cfg.n_layers) for kind in kinds]
 
 
@@ -188,3 +198,54 @@ def writing_weights(model: HookedTransformer) -> list[tuple[str, nn.Parameter]]:
             if isinstance(b, nn.Parameter):
                 out.append((handle.name.rsplit(".", 1)[0] + f".{bias}", b))
     return out
+
+
+def fingerprint(model: HookedTransformer) -> str:
+    """A short hash of the model's parameters (names, shapes, a strided sample of the values and each one's sum):
+    files derived from a model's weights (SNIP scores, weight masks) carry it, so they are never applied to another
+    model. Editing weights changes it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+            digest.update(f"{name}:{tuple(p.shape)}:{float(flat.double().sum()):.10e}".encode())
+            digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def unit_masks(model: HookedTransformer, units: Iterable[tuple[int, str, int]],
+               kinds: Sequence[str] = WEIGHT_KINDS) -> dict[str, torch.Tensor]:
+    """Boolean masks (by parameter name) of the weights of ``(layer, unit, index)`` units, ``unit`` being ``neuron``
+    (MLP neuron ``index``: its ``W_in``/``W_gate`` column and ``W_out`` row) or ``head`` (attention head ``index``:
+    its ``W_Q`` and ``W_O`` slices, and its key/value head's ``W_K``/``W_V`` slices only when every query head sharing
+    them is listed, so that no unlisted head loses its keys or values). Only weights of ``kinds`` are masked."""
+    from mechsafe.hooks import parse_layers
+
+    chosen: dict[tuple[int, str], set[int]] = {}
+    for item in units:
+        try:
+            layer, unit, index = int(item[0]), str(item[1]), int(item[2])
+        except (TypeError, ValueError, IndexError):
+            raise MechsafeError(f"unit {item!r} is not a (layer, 'neuron'|'head', index) triple") from None
+        if unit not in ("neuron", "head"):
+            raise MechsafeError(f"unknown unit {unit!r} in {item!r}; use 'neuron' or 'head'")
+        (layer,) = parse_layers(layer, model.cfg.n_layers)
+        width = model.cfg.d_mlp if unit == "neuron" else model.cfg.n_heads
+        if not 0 <= index < width:
+            raise MechsafeError(f"{unit} {index} of block {layer} is out of range (the model has {width}); fix the ids")
+        chosen.setdefault((layer, unit), set()).add(index)
+    group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
+    masks: dict[str, torch.Tensor] = {}
+    for (layer, unit), idx in chosen.items():
+        part_kinds = [k for k in kinds if k.startswith("mlp") == (unit == "neuron")]
+        for h in select(model, part_kinds, layer, skip_missing=True) if part_kinds else []:
+            index = sorted(idx)
+            if h.kind in ("attn.W_K", "attn.W_V") and h.n_units != model.cfg.n_heads:
+                index = [g for g in range(h.n_units) if all(g * group + j in idx for j in range(group))]
+            mask = masks.setdefault(h.name, torch.zeros(h.shape, dtype=torch.bool))
+            if index:
+                mask.index_fill_(h.unit_axis, torch.tensor(index), True)
+    return masks

@@ -95,29 +95,71 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     return AlignResult(model_path=out, run_dir=run_dir, evaluation=evaluation, report=report, losses=result.losses)
 
 
-def _code(path: Path) -> bytes:
-    """A Python file's syntax tree without docstrings (so documentation edits keep the cache), or a data file's bytes."""
-    if path.suffix != ".py":
-        return path.read_bytes()
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
                 and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree).encode()
+    return tree
+
+
+def _code(path: Path) -> bytes:
+    """A Python file's syntax tree without docstrings (so documentation edits keep the cache), or a data file's bytes."""
+    if path.suffix != ".py":
+        return path.read_bytes()
+    return ast.dump(_strip_docstrings(ast.parse(path.read_text(encoding="utf-8")))).encode()
+
+
+def _definitions(path: Path) -> dict[str, list[ast.stmt]]:
+    """A module's top-level definitions (functions, classes, assignments) by the names they bind."""
+    out: dict[str, list[ast.stmt]] = {}
+    for node in _strip_docstrings(ast.parse(path.read_text(encoding="utf-8"))).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.setdefault(node.name, []).append(node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        out.setdefault(name.id, []).append(node)
+    return out
+
+
+def _used_names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | \
+        {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
 
 
 def code_fingerprint() -> str:
-    """Hash of the code and data that decide the aligned weights (:data:`_TRAINING_CODE`; docstrings and comments
-    do not count)."""
+    """Hash of the code and data that decide the aligned weights: every top-level definition of the recipe
+    (``align/``), and, in the other files of :data:`_TRAINING_CODE`, the definitions those use by name, transitively
+    (a name defined in several files counts all of them); docstrings and comments do not count, nor do code the
+    recipe never reaches. Bundled data files count whole."""
+    definitions: dict[str, list[tuple[str, ast.stmt]]] = {}
     h = hashlib.sha256()
+    roots: list[tuple[str, ast.stmt]] = []
     for rel in _TRAINING_CODE:
         path = _PACKAGE / rel
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".py", ".jsonl")) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(_PACKAGE)).encode())
-            h.update(_code(f))
+        for f in sorted(p for p in path.rglob("*") if p.suffix in (".py", ".jsonl")) if path.is_dir() else [path]:
+            name = str(f.relative_to(_PACKAGE))
+            if f.suffix != ".py":
+                h.update(name.encode() + f.read_bytes())
+                continue
+            for key, nodes in _definitions(f).items():
+                definitions.setdefault(key, []).extend((name, n) for n in nodes)
+                if name.startswith("align/"):
+                    roots.extend((name, n) for n in nodes)
+    seen: dict[tuple[str, int], tuple[str, ast.stmt]] = {}
+    todo = roots
+    while todo:
+        name, node = todo.pop()
+        if (name, node.lineno) in seen:
+            continue
+        seen[(name, node.lineno)] = (name, node)
+        for used in _used_names(node):
+            todo.extend(definitions.get(used, []))
+    for (name, line), (_, node) in sorted(seen.items()):
+        h.update(name.encode() + ast.dump(node).encode())
     return h.hexdigest()[:16]
 
 

@@ -21,6 +21,8 @@ SUBCOMMANDS = (
     "mechsafe.cli.refusal_direction",
     "mechsafe.cli.align",
     "mechsafe.cli.data",
+    "mechsafe.cli.snip",
+    "mechsafe.cli.prune_study",
 )
 """Modules defining subcommands; each has ``register(subparsers)`` that sets ``func``."""
 

@@ -456,6 +456,41 @@ def load_texts(source: str, split: str = "test", text_column: str | None = None)
     return list(ps.texts), f"{len(ps)} prompts from {source}, split {split}"
 
 
+def load_pairs(source: str, prompt_column: str = "prompt", response_column: str = "response",
+               split: str = "train") -> tuple[list[tuple[str, str]], str]:
+    """(prompt, response) pairs from a local .jsonl/.json/.csv/.parquet file or a Hugging Face dataset by name, and a
+    line saying where they came from. Rows with an empty prompt or response are skipped; a hub dataset gives
+    ``split``."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv", ".parquet") or path.exists():
+        if not path.is_file():
+            raise MechsafeError(f"data file {path} does not exist; check the path")
+        df = _read_table(path)
+        columns, rows, where = list(map(str, df.columns)), df.to_dict("records"), str(path)
+    else:
+        if "/" not in source:
+            raise MechsafeError(f"{source!r} is neither a local file nor a hub dataset name (owner/name); check it")
+        require_hub(f"the dataset {source!r}", "when offline, export it to a local .jsonl/.csv/.parquet file and pass "
+                    "that path")
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as exc:  # noqa: BLE001 - offline hubs raise several types
+            raise MechsafeError(f"could not load {source!r} from the Hugging Face hub ({type(exc).__name__}); when "
+                                "offline, export it to a local file and pass that path") from None
+        columns, rows, where = list(ds.column_names), list(ds), f"{source}, split {split}"
+    for column, flag in ((prompt_column, "--prompt-column"), (response_column, "--response-column")):
+        if column not in columns:
+            raise MechsafeError(f"{where} has no column {column!r}; its columns are {columns} (name it with {flag})")
+    pairs = [(str(r[prompt_column]), str(r[response_column])) for r in rows
+             if isinstance(r[prompt_column], str) and r[prompt_column].strip()
+             and isinstance(r[response_column], str) and r[response_column].strip()]
+    if not pairs:
+        raise MechsafeError(f"{where} has no row with a non-empty {prompt_column!r} and {response_column!r}; check it")
+    return pairs, f"{len(pairs)} pairs from {where}"
+
+
 def load(source: str, **kwargs: Any) -> PromptSet:
     """Load a prompt set: a bundled suite name, a local file path, or a known hub dataset name.
 
