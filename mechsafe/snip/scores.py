@@ -175,10 +175,10 @@ def _chunks(layers: list[int], size: int | None) -> list[list[int]]:
     return [layers[i:i + size] for i in range(0, len(layers), size)]
 
 
-def store_key(model: HookedTransformer, config: ScoreConfig, seqs: Sequence[TeacherForced], kinds: Sequence[str],
+def store_key(model_fingerprint: str, config: ScoreConfig, seqs: Sequence[TeacherForced], kinds: Sequence[str],
               layers: Sequence[int]) -> str:
     """What identifies a score store: the model's weights, the scored tokens and the settings that change scores."""
-    return stable_hash({"model": fingerprint(model), "tokens": stable_hash([[s.prompt_len, s.ids] for s in seqs]),
+    return stable_hash({"model": model_fingerprint, "tokens": stable_hash([[s.prompt_len, s.ids] for s in seqs]),
                         "batch_size": config.batch_size, "kinds": list(kinds), "layers": list(layers),
                         "dtype": config.dtype, "format": FORMAT}, length=16)
 
@@ -199,13 +199,14 @@ def compute_scores(model: HookedTransformer, examples: Sequence[tuple], config: 
     seqs = encode_examples(model.tokenizer, examples, max_length=config.max_length, system=config.system)
     if config.data == "safety-short":
         seqs = shorten(seqs, config.short_tokens)
-    path = Path(root or default_root()) / store_key(model, config, seqs, kinds, layers)
+    model_fingerprint = fingerprint(model)
+    path = Path(root or default_root()) / store_key(model_fingerprint, config, seqs, kinds, layers)
     if (path / "manifest.json").is_file() and read_json(path / "manifest.json").get("complete"):
         logger.info("reusing SNIP scores in %s", path)
         return ScoreStore.open(path)
     all_batches = batches(seqs, config.batch_size)
     manifest = {"format": FORMAT, "complete": False, "config": dataclasses.asdict(config), "kinds": kinds,
-                "layers": layers, "model": model_info(model).to_dict(), "model_fingerprint": fingerprint(model),
+                "layers": layers, "model": model_info(model).to_dict(), "model_fingerprint": model_fingerprint,
                 "n_examples": len(seqs), "n_batches": len(all_batches),
                 "n_response_tokens": int(sum(len(s) - s.prompt_len for s in seqs)), "description": description,
                 "definition": "|W| * sum over batches of |dL/dW|, L = mean response-token NLL of a batch"}

@@ -220,6 +220,30 @@ def test_the_code_fingerprint_ignores_documentation_and_follows_code(tmp_path):
     assert _code(data) == data.read_bytes()
 
 
+def test_the_code_fingerprint_follows_only_code_the_recipe_reaches(tmp_path, monkeypatch):
+    import shutil
+
+    import mechsafe.align.run as run
+
+    package = tmp_path / "mechsafe"
+    shutil.copytree(run._PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(run, "_PACKAGE", package)
+    base = run.code_fingerprint()
+    weights = package / "weights.py"
+    weights.write_text(weights.read_text() + "\n\ndef an_unrelated_helper(x):\n    return x + 1\n")
+    assert run.code_fingerprint() == base  # new code the recipe never calls keeps the cached model
+    source = weights.read_text()
+    assert "def check_kinds" in source
+    weights.write_text(source.replace("kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)",
+                                      "kinds = (kinds,) if isinstance(kinds, str) else tuple(sorted(kinds))"))
+    assert run.code_fingerprint() != base  # a function the trainer reaches (through weights.select) counts
+    suites = package / "data" / "suites" / "refusals.jsonl"
+    weights.write_text(source)
+    assert run.code_fingerprint() == base
+    suites.write_text(suites.read_text() + '{"text": "one more"}\n')
+    assert run.code_fingerprint() != base
+
+
 def test_cli_flags_are_the_config_fields(capsys):
     from mechsafe.cli import build_parser
     from mechsafe.cli.common import config_values

@@ -119,3 +119,34 @@ def test_judge_agreement_counts_and_kappa(hf_dir, tmp_path):
     with pytest.raises(MechsafeError, match="neither samples.jsonl nor eval.json"):
         script.main([str(tmp_path / "missing"), "--judge-model", str(hf_dir), "--runs-dir", str(runs)])
     assert len(list(runs.iterdir())) == 1
+
+
+def test_safety_pruning_study_on_a_tiny_model(tmp_path, monkeypatch):
+    import mechsafe
+    from conftest import make_tiny_model
+
+    model = make_tiny_model()
+    monkeypatch.setattr(mechsafe, "load_model", lambda *a, **k: model)
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"text": f"do bad thing {i}"}) + "\n" for i in range(3)))
+    script = _script("safety_pruning")
+    runs = tmp_path / "runs"
+    assert script.main(["--harmful", str(harmful), "--sparsities", "0.05", "--set-difference", "0.1", "--ranks", "1",
+                        "--utility-rank", "2", "--responses", "bundled", "--limit", "3", "--max-new-tokens", "3",
+                        "--utility-max-new-tokens", "3", "--overlap-fraction", "0.2", "--scores-dir",
+                        str(tmp_path / "scores"), "--runs-dir", str(runs), "--no-progress"]) == 0
+    (run_dir,) = list(runs.iterdir())
+    res = json.loads((run_dir / "results.json").read_text())
+    jaccard = res["overlap"]["jaccard"]
+    assert set(jaccard) == set(mechsafe.weights.WEIGHT_KINDS) and set(jaccard["mlp.W_in"]) == {"0", "1", "2"}
+    from mechsafe.snip import ScoreConfig, score, top_mask
+
+    s, u = (score(model, ScoreConfig(data=d, responses="bundled"), tmp_path / "scores", progress=False).layer(1)["mlp.W_in"]
+            for d in ("safety-short", "utility"))
+    a, b = top_mask(s, 0.2), top_mask(u, 0.2)
+    assert jaccard["mlp.W_in"]["1"] == pytest.approx(float((a & b).sum() / (a | b).sum()))
+    assert (run_dir / "overlap.png").is_file() and "## Overlap" in (run_dir / "report.md").read_text()
+    assert [p["method"] for p in res["points"]] == ["none", "top-safety", "top-utility", "set-difference", "random",
+                                                    "actsvd", "actsvd-orthogonal"]
+    with pytest.raises(MechsafeError, match="overlap-fraction"):
+        script.main(["--overlap-fraction", "2", "--runs-dir", str(runs)])
