@@ -66,13 +66,14 @@ def train(config: AlignConfig, run_dir: Path, resume: bool = True, progress: boo
 
 
 def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs_dir: str | Path = "runs",
-          run_dir: str | Path | None = None, resume: bool = True, progress: bool = True) -> AlignResult:
-    """Make the safety-tuned model: train, save to ``out``, evaluate base vs aligned, write the report."""
+          run_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
+          device: str = "cpu") -> AlignResult:
+    """Make the safety-tuned model on ``device``: train, save to ``out``, evaluate base vs aligned, write the report."""
     config = config or AlignConfig()
     t_start = time.perf_counter()
     out = Path(out)
     t0 = time.perf_counter()
-    model = load_model(config.model, processing="none")  # an unknown model fails before the run directory exists
+    model = load_model(config.model, processing="none", device=device)  # an unknown model fails before the run dir exists
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(runs_dir, "align")
     result, mix, answers_seconds = train(config, run_dir, resume, progress, model=model)
     timings = {"base_answers": answers_seconds, "finetune": time.perf_counter() - t0 - answers_seconds}
@@ -81,8 +82,8 @@ def align(config: AlignConfig | None = None, out: str | Path = DEFAULT_OUT, runs
     logger.info("saved the aligned model to %s", out)
 
     t0 = time.perf_counter()
-    base = load_model(config.model, processing="none")
-    aligned = load_model(str(out), processing="none")
+    base = load_model(config.model, processing="none", device=device)
+    aligned = load_model(str(out), processing="none", device=device)
     evaluation = evaluate_pair(base, aligned, config, progress)
     timings["evaluate"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
@@ -131,10 +132,9 @@ def _used_names(node: ast.AST) -> set[str]:
 
 
 def code_fingerprint() -> str:
-    """Hash of the code and data that decide the aligned weights: every top-level definition of the recipe
-    (``align/``), and, in the other files of :data:`_TRAINING_CODE`, the definitions those use by name, transitively
-    (a name defined in several files counts all of them); docstrings and comments do not count, nor do code the
-    recipe never reaches. Bundled data files count whole."""
+    """Hash of the code and data that decide the aligned weights: :func:`aligned_checkpoint` and every top-level
+    definition of :data:`_TRAINING_CODE` it uses by name, transitively (a name defined in several files counts all of
+    them); docstrings, comments and code the build never reaches do not count. Bundled data files count whole."""
     definitions: dict[str, list[tuple[str, ast.stmt]]] = {}
     h = hashlib.sha256()
     roots: list[tuple[str, ast.stmt]] = []
@@ -147,7 +147,7 @@ def code_fingerprint() -> str:
                 continue
             for key, nodes in _definitions(f).items():
                 definitions.setdefault(key, []).extend((name, n) for n in nodes)
-                if name.startswith("align/"):
+                if name == "align/run.py" and key == "aligned_checkpoint":
                     roots.extend((name, n) for n in nodes)
     seen: dict[tuple[str, int], tuple[str, ast.stmt]] = {}
     todo = roots

@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     recipe = p.add_argument_group("recipe (any AlignConfig field; defaults: the default recipe)")
     add_config_flags(recipe, AlignConfig, skip=("finetune",))
     p.add_argument("--lora", metavar="JSON", help='overrides of the recipe\'s FinetuneConfig, e.g. \'{"steps": 60, "lr": 3e-4, "layers": "all"}\'')
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a machine shared with other jobs)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         recipe.update(overrides)
     config = AlignConfig(**config_values(AlignConfig, args), finetune=recipe)
     result = align(config, out=args.out, runs_dir=args.runs_dir, run_dir=args.run_dir, resume=not args.no_resume,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, device=args.device)
     print(result.report)
     print(f"aligned model: {result.model_path}\nrun directory: {result.run_dir}")
     return 0

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default="all", help="layer selector: all, early, middle, late, last, 3-7, 0,5,9")
     p.add_argument("--pooling", default="last,mean", help="comma list of last, mean, tokens")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--root", help="store folder (default: $MECHSAFE_CACHE/activations)")
+    p.add_argument("--activation-root", "--root", dest="root", help="store folder (default: $MECHSAFE_CACHE/activations)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
