@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformer_lens import HookedTransformer
 
+from mechsafe import distributed
 from mechsafe.snip.config import GroupConfig, ScoreConfig
 from mechsafe.snip.data import scoring_pairs
 from mechsafe.snip.groups import Group, make_groups
@@ -19,7 +20,11 @@ def score(model: HookedTransformer, config: ScoreConfig | None = None, root: str
     computed once and reused: ``score(model, ScoreConfig(data="utility"))``."""
     config = config or ScoreConfig()
     root = Path(root or default_root())
-    pairs, description = scoring_pairs(model, config, root / "responses", progress=progress)
+    if distributed.rank() == 0:  # rank 0 generates (and caches) own responses; the other ranks then read them
+        pairs, description = scoring_pairs(model, config, root / "responses", progress=progress)
+    distributed.barrier()
+    if distributed.rank() != 0:
+        pairs, description = scoring_pairs(model, config, root / "responses", progress=False)
     return compute_scores(model, pairs, config, root=root, progress=progress, description=description)
 
 

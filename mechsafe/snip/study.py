@@ -213,7 +213,7 @@ def verdict(points: Sequence[dict[str, Any]], config: StudyConfig) -> dict[str, 
                                          f"{_value(q, 'refusal_rate'):.3f}" for p, q in pairs)})
     d_sd, d_top = best_drop("set-difference"), best_drop("top-safety")
     claims.append({"claim": "set difference is sharper than raw SNIP (top safety)",
-                   "rule": f"the largest refusal drop with utility holding is larger for set difference than for top safety",
+                   "rule": "the largest refusal drop with utility holding is larger for set difference than for top safety",
                    "holds": (d_sd is not None and (d_top is None or d_sd > d_top)) if of("set-difference") else None,
                    "evidence": f"largest drop with utility holding: set difference "
                                f"{'none' if d_sd is None else f'{d_sd:.3f}'}, top safety "
