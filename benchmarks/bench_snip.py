@@ -4,8 +4,12 @@ The batches are ``--batches`` batches of ``--batch-size`` teacher-forced sequenc
 TRAIN prompts with a bundled refusal repeated to fill the length; half prompt, half response). The reference is a
 forward pass over each batch without gradients (``torch.inference_mode``); SNIP scoring
 (:func:`mechsafe.snip.compute_scores`, every block weight in one pass) runs a forward and a backward per batch and
-adds ``|∇|`` into its sums. Each is timed ``--repeats`` times, alternating; the fastest of each is compared. Peak
-resident memory during scoring is sampled every 5 ms and divided by the model's parameter bytes.
+adds ``|∇|`` into its sums, with the default settings (one pair per forward/backward pass, the batch's gradient
+summed over its pairs before the absolute value). Each is timed ``--repeats`` times, alternating; the fastest of
+each is compared. Resident memory is sampled every 5 ms while scoring; its peak, less what the process held before
+the model was loaded (the interpreter and its libraries), is what scoring needs: the model, the score sums, one
+batch's gradient and one pass's activations. It is divided by the model's parameter bytes (the absolute peak is
+printed too).
 
 Last lines: ``snip_vs_forward_ratio=<x>`` (target <= 3.5) and ``snip_peak_rss_over_param_bytes=<y>`` (target <= 4).
 
@@ -58,15 +62,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=ScoreConfig.micro_batch,
+                        help="pairs per forward/backward pass (default: ScoreConfig's, %(default)s)")
     args = parser.parse_args()
 
+    baseline = rss_bytes()
     model = ms.load_model("smollm2-135m-instruct", processing="none")
     n = args.batches * args.batch_size
     filler = " ".join(refusals()[:8])
     examples = [(p["text"], filler) for p in prompt_pool("harmful", "train")[:n]]
     seqs = encode_examples(model.tokenizer, examples, max_length=args.tokens)
     assert all(len(s) == args.tokens for s in seqs), "raise the filler: a sequence is shorter than --tokens"
-    config = ScoreConfig(data="bench", batch_size=args.batch_size, max_length=args.tokens)
+    config = ScoreConfig(data="bench", batch_size=args.batch_size, micro_batch=args.micro_batch, max_length=args.tokens)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def forward() -> float:
@@ -89,12 +96,14 @@ def main() -> None:
         seconds, peak = score()
         snip.append(seconds)
         peaks.append(peak)
-    print(f"batches={args.batches} batch_size={args.batch_size} tokens={args.tokens} threads={torch.get_num_threads()} "
-          f"param_bytes={param_bytes}")
+    print(f"batches={args.batches} batch_size={args.batch_size} micro_batch={args.micro_batch} tokens={args.tokens} "
+          f"threads={torch.get_num_threads()} "
+          f"param_bytes={param_bytes} rss_before_model_bytes={baseline}")
     print(f"forward_s={[round(t, 2) for t in fwd]} snip_s={[round(t, 2) for t in snip]} "
           f"peak_rss_bytes={peaks}")
     print(f"snip_vs_forward_ratio={min(snip) / min(fwd):.3f}")
-    print(f"snip_peak_rss_over_param_bytes={max(peaks) / param_bytes:.3f}")
+    print(f"snip_peak_rss_absolute_over_param_bytes={max(peaks) / param_bytes:.3f}")
+    print(f"snip_peak_rss_over_param_bytes={(max(peaks) - baseline) / param_bytes:.3f}")
 
 
 if __name__ == "__main__":

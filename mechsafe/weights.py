@@ -211,7 +211,7 @@ def fingerprint(model: HookedTransformer) -> str:
         for name, p in model.named_parameters():
             flat = p.detach().flatten()
             sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
-            digest.update(f"{name}:{tuple(p.shape)}:{float(flat.double().sum()):.10e}".encode())
+            digest.update(f"{name}:{tuple(p.shape)}:{float(torch.sum(flat, dtype=torch.float64)):.10e}".encode())
             digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
 

@@ -48,6 +48,10 @@ class ScoreConfig:
     batch_size: int = 1
     """Pairs per backward pass. The absolute gradient is taken per batch, so the batch size is part of the score's
     definition: 1 (the reference code's choice) sums per-example absolute gradients."""
+    micro_batch: int = 1
+    """Pairs per forward/backward pass. A batch's gradient is summed over its micro-batches before the absolute value,
+    so this changes memory and speed, not the scores; larger values are faster where activation memory is plentiful
+    (GPUs)."""
     kinds: tuple[str, ...] = WEIGHT_KINDS
     """Weight kinds scored (``attn.W_Q``, ``attn.W_K``, ``attn.W_V``, ``attn.W_O``, ``mlp.W_in``, ``mlp.W_gate``,
     ``mlp.W_out``); kinds a model lacks (``W_gate`` without a gated MLP) are skipped."""
@@ -69,7 +73,7 @@ class ScoreConfig:
             raise MechsafeError(f"unknown response source {self.responses!r}; use {' or '.join(RESPONSE_SOURCES)}")
         if self.dtype not in DTYPES:
             raise MechsafeError(f"unknown score dtype {self.dtype!r}; use {' or '.join(DTYPES)}")
-        for name in ("n_samples", "short_tokens", "max_new_tokens", "max_length", "batch_size"):
+        for name in ("n_samples", "short_tokens", "max_new_tokens", "max_length", "batch_size", "micro_batch"):
             if int(getattr(self, name)) < 1:
                 raise MechsafeError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.layers_per_pass is not None and self.layers_per_pass < 1:

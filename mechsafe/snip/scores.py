@@ -60,10 +60,12 @@ def batches(seqs: Sequence[TeacherForced], batch_size: int) -> list[list[Teacher
     return [[seqs[i] for i in order[b:b + batch_size]] for b in range(0, len(order), batch_size)]
 
 
-def batch_loss(model: HookedTransformer, batch: Sequence[TeacherForced]) -> torch.Tensor:
-    """Mean NLL per response token of one batch (prompt tokens masked)."""
+def batch_loss(model: HookedTransformer, batch: Sequence[TeacherForced], n_tokens: int | None = None) -> torch.Tensor:
+    """Summed NLL of the batch's response tokens (prompt tokens masked) over ``n_tokens`` (default: their number,
+    giving the mean; a micro-batch passes its whole batch's count, so the micro-batches' losses sum to the batch's)."""
     tokens, mask = collate(batch, pad_id(model.tokenizer))
-    return masked_nll(model, tokens, mask).sum() / mask.sum().clamp(min=1).to(model.cfg.device)
+    n_tokens = n_tokens or int(mask.sum())
+    return masked_nll(model, tokens, mask).sum() / n_tokens
 
 
 @dataclasses.dataclass
@@ -137,11 +139,14 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
 
 class _AbsGradSums:
-    """Float32 sums of ``|∇|`` of some parameters, filled (inside ``with``) by post-accumulate-grad hooks that drop
-    each gradient; only these parameters require gradients inside the block."""
+    """Float32 sums of ``|∇|`` of some parameters, filled (inside ``with``) by post-accumulate-grad hooks; only these
+    parameters require gradients inside the block. While ``last`` is False (a batch's earlier micro-batches) the
+    gradients accumulate as usual; on the batch's last backward pass each hook adds the absolute value of the batch's
+    gradient into its sum and zeroes the gradient buffer (kept, so later batches reuse its memory)."""
 
     def __init__(self, model: HookedTransformer, handles: Sequence[WeightHandle]):
         self.model, self.handles = model, list(handles)
+        self.last = True
         self.sums = {h.name: torch.zeros(h.shape, dtype=torch.float32, device=h.parameter.device) for h in handles}
         self._removers: list[Any] = []
         self._requires: dict[int, bool] = {}
@@ -154,8 +159,10 @@ class _AbsGradSums:
             h.parameter.requires_grad_(True)
 
             def add(param: torch.nn.Parameter, name: str = h.name) -> None:
-                self.sums[name].add_(param.grad.detach().abs().float())
-                param.grad = None
+                if self.last:  # the batch's gradient is complete: add |grad| and reset the buffer in place
+                    grad = param.grad.detach()
+                    self.sums[name].add_(grad.abs_())
+                    grad.zero_()
 
             self._removers.append(h.parameter.register_post_accumulate_grad_hook(add))
         return self
@@ -221,7 +228,8 @@ def compute_scores(model: HookedTransformer, examples: Sequence[tuple], config: 
         for chunk in _chunks(layers, config.layers_per_pass):
             if all((path / f"layer_{layer:03d}.safetensors").is_file() for layer in chunk):
                 continue
-            _score_chunk(model, [h for h in handles if h.layer in chunk], mine, path, tag, progress, checkpoint_s)
+            _score_chunk(model, [h for h in handles if h.layer in chunk], mine, path, tag, progress, checkpoint_s,
+                         config.micro_batch)
     distributed.barrier()
     if distributed.rank() == 0:
         manifest.update(complete=True, seconds=round(time.perf_counter() - t0, 3),
@@ -232,7 +240,7 @@ def compute_scores(model: HookedTransformer, examples: Sequence[tuple], config: 
 
 
 def _score_chunk(model: HookedTransformer, handles: list[WeightHandle], mine: list[list[TeacherForced]], path: Path,
-                 tag: str, progress: bool, checkpoint_s: float) -> None:
+                 tag: str, progress: bool, checkpoint_s: float, micro_batch: int) -> None:
     chunk = sorted({h.layer for h in handles})
     partial = path / f"partial-{'-'.join(map(str, chunk))}-{tag}.safetensors"
     acc = _AbsGradSums(model, handles)
@@ -255,7 +263,11 @@ def _score_chunk(model: HookedTransformer, handles: list[WeightHandle], mine: li
     with acc:
         bar = tqdm(total=len(mine), initial=start, disable=not progress, desc=f"SNIP blocks {chunk[0]}-{chunk[-1]}")
         for j in range(start, len(mine)):
-            batch_loss(model, mine[j]).backward()
+            batch = mine[j]
+            n_tokens = sum(len(s) - s.prompt_len for s in batch)
+            for i in range(0, len(batch), micro_batch):
+                acc.last = i + micro_batch >= len(batch)
+                batch_loss(model, batch[i:i + micro_batch], n_tokens).backward()
             bar.update(1)
             if time.monotonic() - last > checkpoint_s and j + 1 < len(mine):
                 _save(partial, {**acc.sums, "__batches_done__": torch.tensor(j + 1)})

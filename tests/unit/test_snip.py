@@ -38,9 +38,11 @@ def hand_scores(model, examples, batch_size, short=None):
             {n: (params[n].abs() * g.abs()).detach() for n, g in signed.items()})
 
 
-def test_snip_is_the_sum_of_per_batch_absolute_gradients(tmp_path):
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_snip_is_the_sum_of_per_batch_absolute_gradients(tmp_path, micro_batch):
     model = make_tiny_model()
-    store = compute_scores(model, EXAMPLES, ScoreConfig(data="x.jsonl", batch_size=2), root=tmp_path, progress=False)
+    store = compute_scores(model, EXAMPLES, ScoreConfig(data="x.jsonl", batch_size=2, micro_batch=micro_batch),
+                           root=tmp_path, progress=False)
     want, abs_of_sum = hand_scores(model, EXAMPLES, 2)
     got = snip_scores.scores_of(store, model)
     assert len(got) == 3 * 7
@@ -87,11 +89,11 @@ def test_scores_are_reused_and_resume_after_an_interruption(tmp_path, monkeypatc
     real = snip_scores.batch_loss
     calls = {"n": 0}
 
-    def flaky(m, batch):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 7:  # second pass (blocks 2), third batch
             raise KeyboardInterrupt
-        return real(m, batch)
+        return real(*args)
 
     monkeypatch.setattr(snip_scores, "batch_loss", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -102,13 +104,13 @@ def test_scores_are_reused_and_resume_after_an_interruption(tmp_path, monkeypatc
         ScoreStore.open(path)
     monkeypatch.setattr(snip_scores, "batch_loss", real)
     counted = {"n": 0}
-    monkeypatch.setattr(snip_scores, "batch_loss", lambda m, b: counted.__setitem__("n", counted["n"] + 1) or real(m, b))
+    monkeypatch.setattr(snip_scores, "batch_loss", lambda *a: counted.__setitem__("n", counted["n"] + 1) or real(*a))
     resumed = compute_scores(model, EXAMPLES, cfg, root=tmp_path / "b", progress=False, checkpoint_s=0)
     assert counted["n"] == 2  # only the two batches the interrupted pass had left
     for layer in whole.layers:
         for kind, t in whole.layer(layer).items():
             assert torch.equal(t, resumed.layer(layer)[kind])
-    monkeypatch.setattr(snip_scores, "batch_loss", lambda m, b: pytest.fail("finished scores must be reused"))
+    monkeypatch.setattr(snip_scores, "batch_loss", lambda *a: pytest.fail("finished scores must be reused"))
     assert compute_scores(model, EXAMPLES, cfg, root=tmp_path / "b", progress=False).path == resumed.path
 
 
