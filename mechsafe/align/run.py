@@ -127,8 +127,15 @@ def _definitions(path: Path) -> dict[str, list[ast.stmt]]:
 
 
 def _used_names(node: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | \
-        {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+    """Names a definition may call or read from elsewhere: the names it loads that none of its functions binds
+    locally (arguments, assignments), and every attribute name."""
+    local: set[str] = set()
+    for fn in ast.walk(node):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            local |= {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+            local |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    loaded = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return (loaded - local) | {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
 
 
 def code_fingerprint() -> str:
