@@ -215,7 +215,8 @@ def compute_scores(model: HookedTransformer, examples: Sequence[tuple], config: 
     manifest = {"format": FORMAT, "complete": False, "config": dataclasses.asdict(config), "kinds": kinds,
                 "layers": layers, "model": model_info(model).to_dict(), "model_fingerprint": model_fingerprint,
                 "n_examples": len(seqs), "n_batches": len(all_batches),
-                "n_response_tokens": int(sum(len(s) - s.prompt_len for s in seqs)), "description": description,
+                "n_response_tokens": int(sum(len(s) - s.prompt_len for s in seqs)),
+                "n_tokens": int(sum(len(s) for s in seqs)), "description": description,
                 "definition": "|W| * sum over batches of |dL/dW|, L = mean response-token NLL of a batch"}
     if distributed.rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
