@@ -23,7 +23,7 @@ from mechsafe.models import DEFAULT_MODEL, load_model, save_model
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("activations", "align", "chat", "directions", "distributed", "evaluation", "finetune", "forward",
+_LAZY_MODULES = ("activations", "align", "attacks", "chat", "directions", "distributed", "evaluation", "finetune", "forward",
                  "interventions", "models", "probes", "runs", "sae", "snip", "stats", "weights")
 _LAZY_FUNCTIONS = {"probe_bench": "mechsafe.probes"}
 

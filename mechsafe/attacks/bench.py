@@ -32,7 +32,7 @@ from mechsafe.chat import format_prompt
 from mechsafe.data import compliances, prompt_pool
 from mechsafe.errors import MechsafeError
 from mechsafe.finetune import FinetuneConfig, finetune
-from mechsafe.runs import stable_hash
+from mechsafe.runs import read_json, stable_hash
 from mechsafe.weights import fingerprint
 
 logger = logging.getLogger(__name__)
@@ -131,17 +131,19 @@ def run_finetune_trial(model: HookedTransformer, clean: dict[str, torch.Tensor],
     ft = FinetuneConfig(method="full" if setting["attack"] == "harmful-full" else "lora", rank=config.lora_rank,
                         alpha=2.0 * config.lora_rank, lr=setting["lr"], steps=config.steps,
                         batch_size=min(config.batch_size, len(pairs)), seed=setting["seed"],
-                        callback_every=config.eval_every, checkpoint_every=0, merge=False)
+                        callback_every=config.eval_every, checkpoint_every=0)
     per_step = step_flops(ft, pairs)
-    curve: list[dict[str, Any]] = []
+    curve: list[dict[str, Any]] = [{"step": 0, "flops": 0, "seconds": 0.0, **base}]
     t0 = time.perf_counter()
     broken: dict[str, Any] | None = None
 
     def callback(step: int, m: HookedTransformer) -> None:
         nonlocal broken
+        if step == 0:  # the unattacked point is already on the curve
+            return
         point = {"step": step, "flops": step * per_step, "seconds": time.perf_counter() - t0, **fast(m)}
         curve.append(point)
-        if step and threat.broken(point["refusal"], point["nll"], base["refusal"], base["nll"]):
+        if threat.broken(point["refusal"], point["nll"], base["refusal"], base["nll"]):
             broken = {**point, "confirmed": fast.confirm(m)}
             raise _Stop
         if config.budget_flops is not None and (step + config.eval_every) * per_step > config.budget_flops:
@@ -153,7 +155,7 @@ def run_finetune_trial(model: HookedTransformer, clean: dict[str, torch.Tensor],
         pass
     finally:
         _restore(model, clean)
-    return {**setting, "flops_per_step": per_step, "tokens_per_step": None, "curve": curve, "break": broken,
+    return {**setting, "flops_per_step": per_step, "curve": curve, "break": broken,
             "seconds": time.perf_counter() - t0}
 
 
@@ -363,3 +365,25 @@ def summarize(trials: Sequence[dict[str, Any]], threat: ThreatModel, base: dict[
                                    for (lr, n), ts in groups.items()]
         out[attack] = entry
     return out
+
+
+def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -> float | None:
+    """FLOPs that built a model made by ``mechsafe align`` (``None`` for other models): its recipe's training steps,
+    each counted as one step of the recipe's objectives on the build's own data (``base_model`` is restored after)."""
+    from mechsafe.align import AlignConfig
+    from mechsafe.align.data import training_objectives
+    from mechsafe.models import model_info
+
+    extra = model_info(model).extra
+    build_dir = Path(extra.get("build_dir") or "")
+    if not extra.get("align_config") or not (build_dir / "finetune" / "run.json").is_file():
+        return None
+    config = AlignConfig(**extra["align_config"])
+    objectives, _ = training_objectives(config, base_model, build_dir, progress=False)
+    steps = int(read_json(build_dir / "finetune" / "run.json")["steps"])
+    clean = {n: p.detach().clone() for n, p in base_model.named_parameters()}
+    one = dataclasses.replace(config.finetune, steps=1, checkpoint_every=0)
+    try:
+        return float(steps * count_flops(lambda: finetune(base_model, objectives, one, progress=False)))
+    finally:
+        _restore(base_model, clean)

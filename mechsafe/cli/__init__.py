@@ -23,6 +23,7 @@ SUBCOMMANDS = (
     "mechsafe.cli.data",
     "mechsafe.cli.snip",
     "mechsafe.cli.prune_study",
+    "mechsafe.cli.attack",
 )
 """Modules defining subcommands; each has ``register(subparsers)`` that sets ``func``."""
 
