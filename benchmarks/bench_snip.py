@@ -1,7 +1,8 @@
 """SNIP scoring vs plain forward passes on the same batches of the embedded model, and scoring's peak memory.
 
 The batches are ``--batches`` batches of ``--batch-size`` teacher-forced sequences of ``--tokens`` tokens (harmful
-TRAIN prompts with a bundled refusal repeated to fill the length; half prompt, half response). The reference is a
+TRAIN prompts with bundled refusals filling the length): by default 128 pairs, the reference's number of scoring
+samples, so the fixed costs (hashing the weights, writing the scores) weigh as they do in a real run. The reference is a
 forward pass over each batch without gradients (``torch.inference_mode``); SNIP scoring
 (:func:`mechsafe.snip.compute_scores`, every block weight in one pass) runs a forward and a backward per batch and
 adds ``|∇|`` into its sums, with the default settings (one pair per forward/backward pass, the batch's gradient
@@ -13,7 +14,7 @@ printed too).
 
 Last lines: ``snip_vs_forward_ratio=<x>`` (target <= 3.5) and ``snip_peak_rss_over_param_bytes=<y>`` (target <= 4).
 
-    python benchmarks/bench_snip.py [--batches 4] [--batch-size 8] [--tokens 128] [--repeats 2]
+    python benchmarks/bench_snip.py [--batches 16] [--batch-size 8] [--tokens 128] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class PeakRSS:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)

@@ -257,17 +257,18 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
     pools["benign"] = benign_pairs()
     flops_cache: dict[tuple[str, int], int] = {}
 
-    def step_flops(ft: FinetuneConfig, pairs: Sequence) -> int:
-        k = (ft.method, ft.batch_size, len(pairs) > 0)
-        if k not in flops_cache:
-            flops_cache[k] = _step_flops(model, clean, pairs, ft)
-        return flops_cache[k]
+    def step_flops_of(attack: str) -> Callable[[FinetuneConfig, Sequence], int]:
+        def step_flops(ft: FinetuneConfig, pairs: Sequence) -> int:  # once per attack and batch size
+            if (attack, ft.batch_size) not in flops_cache:
+                flops_cache[(attack, ft.batch_size)] = _step_flops(model, clean, pairs, ft)
+            return flops_cache[(attack, ft.batch_size)]
+        return step_flops
 
     plan: list[tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]] = []
     for setting in finetune_trials(config):
         pool = pools["benign" if setting["attack"] == "benign-lora" else "harmful"]
         plan.append((setting["attack"], setting, lambda s=setting, pool=pool: run_finetune_trial(
-            model, clean, s, pool, config, fast, threat, base, step_flops)))
+            model, clean, s, pool, config, fast, threat, base, step_flops_of(s["attack"]))))
     if "direction" in config.attacks:
         found: dict[str, Any] = {}
 

@@ -1,10 +1,11 @@
 """SNIP scores (Wei et al., ICML 2024): ``S = |W| ⊙ Σ_batches |∇_W L|`` for every selected block weight.
 
 ``L`` is the mean NLL of a batch's response tokens given their prompts (prompt tokens masked). The absolute value
-is taken per batch, before the sum over batches (never ``|Σ ∇|``): a hook on each selected parameter adds
-``|∇|`` into a float32 accumulator the moment autograd has its gradient and drops the gradient, so the model's
-gradients never all exist at once. One pass over the data collects the blocks of ``layers_per_pass`` (all by
-default); the scores then stream to disk, one safetensors file per block, next to a manifest.
+is taken per batch, before the sum over batches (never ``|Σ ∇|``). A batch runs in micro-batches of
+``micro_batch`` pairs (one by default, which bounds activation memory); their gradients accumulate, and on the
+batch's last backward pass a hook on each selected parameter adds ``|∇|`` into a float32 accumulator and zeroes the
+gradient in place. One pass over the data collects the blocks of ``layers_per_pass`` (all by default); the scores
+then stream to disk, one safetensors file per block, next to a manifest.
 
 Data parallel: under ``torchrun`` each rank takes ``|∇|`` of its own batches (batch ``j`` on rank
 ``j mod world_size``) and the accumulators are summed across ranks afterwards; averaging gradients before the
