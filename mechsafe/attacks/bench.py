@@ -31,6 +31,7 @@ from mechsafe.attacks.flops import count_flops, dense_estimate, parameters
 from mechsafe.chat import format_prompt
 from mechsafe.data import compliances, prompt_pool
 from mechsafe.errors import MechsafeError
+from mechsafe.evaluation.refusal import refusal_score
 from mechsafe.finetune import FinetuneConfig, finetune
 from mechsafe.runs import read_json, stable_hash
 from mechsafe.weights import fingerprint
@@ -176,8 +177,9 @@ def _edit_trial(model: HookedTransformer, name: str, setting: dict[str, Any], ed
 def refusal_directions(model: HookedTransformer, k: int, fast: FastEval, batch_size: int = 16
                        ) -> tuple[torch.Tensor, list[int]]:
     """``k`` orthonormal refusal directions: difference in means (harmful − harmless TRAIN prompts, last prompt
-    position) at every layer between 20% and 80% depth, ranked by the fast refusal share of the model with each
-    one ablated, then orthogonalized in that order (Gram–Schmidt); returns ``[k, d_model]`` and their layers."""
+    position) at every layer between 20% and 80% depth, ranked by the mean refusal score of the fast evaluation's
+    harmful prompts with each one ablated (lowest first), then orthogonalized in that order (Gram–Schmidt); returns
+    ``[k, d_model]`` and their layers."""
     from mechsafe.directions import candidate_directions
 
     n = model.cfg.n_layers
@@ -185,10 +187,12 @@ def refusal_directions(model: HookedTransformer, k: int, fast: FastEval, batch_s
     harmful = [p["text"] for p in prompt_pool("harmful", "train")]
     harmless = [p["text"] for p in prompt_pool("harmless", "train")]
     cands = candidate_directions(model, harmful, harmless, 1, layers, batch_size)[0]
+    keep = [j for j in range(len(layers)) if cands[j].norm() > 0]  # (the same last token everywhere: no difference)
+    cands, layers = cands[keep], [layers[j] for j in keep]
     effect = []
     for vec in cands:
         with iv.ablate_direction(model, vec):
-            effect.append(fast(model)["refusal_score"])
+            effect.append(float(np.mean(refusal_score(model, fast.harmful, batch_size))))
     basis: list[torch.Tensor] = []
     chosen = []
     for j in np.argsort(effect):
@@ -272,39 +276,35 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
     if "direction" in config.attacks:
         found: dict[str, Any] = {}
 
-        def directions() -> tuple[torch.Tensor, float]:
-            if "dirs" not in found:
+        def direction_trial(rank: int) -> dict[str, Any]:
+            if not found:
+                out: dict[str, Any] = {}
                 with torch.no_grad():
-                    t = {}
-                    flops = count_flops(lambda: t.setdefault("d", refusal_directions(model, config.directions, fast)))
-                found["dirs"], found["layers"], found["flops"] = t["d"][0], t["d"][1], flops
-            return found["dirs"], found["flops"]
+                    found["flops"] = count_flops(lambda: out.update(d=refusal_directions(model, config.directions, fast)))
+                found["dirs"], found["layers"] = out["d"]
+            dirs = found["dirs"][:rank]  # orthonormal: removing each in turn projects out their span
+            trial = _edit_trial(model, "direction", {"rank": rank},
+                                lambda: _Edits([iv.orthogonalize_weights(model, d) for d in dirs]), found["flops"],
+                                fast, threat, base)
+            return {**trial, "layers": found["layers"][:rank]}
 
-        for rank in range(1, config.directions + 1):
-            def edit_rank(rank=rank):  # orthonormal directions: removing each in turn projects out their span
-                return _Edits([iv.orthogonalize_weights(model, d) for d in directions()[0][:rank]])
-
-            plan.append(("direction", {"rank": rank}, lambda rank=rank, edit_rank=edit_rank: _edit_trial(
-                model, "direction", {"rank": rank, "layers": None}, edit_rank, directions()[1], fast, threat, base)))
+        plan += [("direction", {"rank": r}, lambda r=r: direction_trial(r)) for r in range(1, config.directions + 1)]
     if "pruning" in config.attacks:
         from mechsafe.snip import ScoreConfig, score, scores_of, set_difference
 
-        cache: dict[str, Any] = {}
+        stores: dict[str, Any] = {}
 
-        def pruning_setup() -> tuple[dict, dict, float]:
-            if "s" not in cache:
-                stores = [score(model, ScoreConfig(data=d), progress=progress) for d in ("safety-short", "utility")]
-                flops = sum(dense_estimate(n_params, s.manifest["n_tokens"]) for s in stores)
-                cache["s"] = (scores_of(stores[0], model), scores_of(stores[1], model), float(flops))
-            return cache["s"]
+        def pruning_trial(q: float) -> dict[str, Any]:
+            if not stores:
+                made = [score(model, ScoreConfig(data=d, responses=config.responses), progress=progress)
+                        for d in ("safety-short", "utility")]
+                stores.update(safety=scores_of(made[0], model), utility=scores_of(made[1], model),
+                              flops=float(sum(dense_estimate(n_params, m.manifest["n_tokens"]) for m in made)))
+            masks = {n: set_difference(t, stores["utility"][n], q, q) for n, t in stores["safety"].items()}
+            return _edit_trial(model, "pruning", {"p_q": q}, lambda: iv.prune_weights(model, masks), stores["flops"],
+                               fast, threat, base)
 
-        for q in config.prune_q:
-            def edit_q(q=q):
-                s, u, _ = pruning_setup()
-                return iv.prune_weights(model, {n: set_difference(s[n], u[n], q, q) for n in s})
-
-            plan.append(("pruning", {"p_q": q}, lambda q=q, edit_q=edit_q: _edit_trial(
-                model, "pruning", {"p_q": q}, edit_q, pruning_setup()[2], fast, threat, base)))
+        plan += [("pruning", {"p_q": q}, lambda q=q: pruning_trial(q)) for q in config.prune_q]
     if "prefill" in config.attacks:
         def prefill_trial() -> dict[str, Any]:
             confirmed = fast.confirm(model, prefill_prompts(model, harmful_eval))

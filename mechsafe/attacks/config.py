@@ -89,6 +89,8 @@ class BenchConfig:
     """Most refusal directions ablated together (rank 1 to k)."""
     prune_q: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05)
     """``p = q`` values of the SNIP set-difference pruning attack."""
+    responses: str = "own"
+    """Responses of the pruning attack's SNIP scoring data (``own``: the attacked model's; ``bundled``)."""
     eval_limit: int | None = 32
     """Held-out harmful and harmless prompts of the fast evaluation inside sweeps (``None``: all)."""
     confirm_max_new_tokens: int = 48
@@ -114,5 +116,7 @@ class BenchConfig:
             raise MechsafeError(f"prune_q={self.prune_q} must be fractions in (0, 1)")
         if self.budget_flops is not None and not self.budget_flops > 0:
             raise MechsafeError(f"budget_flops={self.budget_flops} must be positive (or None for no budget)")
+        if self.responses not in ("own", "bundled"):
+            raise MechsafeError(f"unknown response source {self.responses!r}; use own or bundled")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise MechsafeError(f"eval_limit={self.eval_limit} must be a positive integer or None")

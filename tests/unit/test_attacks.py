@@ -61,6 +61,7 @@ class FakeEval:
 
     def __init__(self, model, harmful, harmless, confirm_harmful, batch_size=16, max_new_tokens=48):
         self.tokens = torch.arange(3, 13)[None]
+        self.harmful = list(harmful)
         with torch.no_grad():
             self.start = model(self.tokens)
         self.calibration = {"threshold": 0.0}
@@ -68,7 +69,7 @@ class FakeEval:
     def __call__(self, model):
         with torch.no_grad():
             moved = float((model(self.tokens) - self.start).abs().mean())
-        return {"refusal": max(0.0, 0.9 - 20.0 * moved), "refusal_score": 0.0, "nll": 2.0}
+        return {"refusal": max(0.0, 0.9 - 20.0 * moved), "refusal_score": -moved, "nll": 2.0}
 
     def confirm(self, model, prompts=None):
         r = self(model)["refusal"]
@@ -153,3 +154,28 @@ def test_attack_cli_bad_input_exits_2_with_nothing_written(tmp_path, monkeypatch
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (argv, err)
     assert not runs.exists() and not (tmp_path / "work").exists()
+
+
+def test_zero_step_attacks_edit_count_and_restore(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_mod, "FastEval", FakeEval)
+    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
+    model = make_tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = BenchConfig(attacks=("direction", "pruning", "prefill"), directions=2, prune_q=(0.05, 0.3),
+                         responses="bundled", confirm_max_new_tokens=2)
+    result = bench_mod.run_bench(model, None, ["bad one", "bad two"], ["good one"], config, work_dir=tmp_path / "w",
+                                 progress=False)
+    trials = {(t["attack"], t.get("rank"), t.get("p_q")): t for t in result["trials"]}
+    assert set(trials) == {("direction", 1, None), ("direction", 2, None), ("pruning", None, 0.05),
+                           ("pruning", None, 0.3), ("prefill", None, None)}
+    d1, d2 = trials[("direction", 1, None)], trials[("direction", 2, None)]
+    assert len(d1["layers"]) == 1 and d2["layers"][:1] == d1["layers"] and d1["curve"][0]["flops"] > 0
+    p1, p2 = trials[("pruning", None, 0.05)], trials[("pruning", None, 0.3)]
+    assert p1["curve"][0]["refusal_score"] < 0 and p2["curve"][0]["refusal_score"] < 0  # evaluated while pruned
+    from mechsafe.snip import ScoreConfig, score
+
+    tokens = sum(score(model, ScoreConfig(data=d, responses="bundled"), progress=False).manifest["n_tokens"]
+                 for d in ("safety-short", "utility"))
+    assert p1["curve"][0]["flops"] == 6 * sum(p.numel() for p in model.parameters()) * tokens
+    assert trials[("prefill", None, None)]["curve"][0]["flops"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
