@@ -45,13 +45,14 @@ def _own_pairs(model: HookedTransformer, kind: str, config: ScoreConfig, cache: 
     path = cache / f"answers-{kind}-{stable_hash(config.system)}-{stable_hash(prompts)}.json"
     want_refusal = kind == "safety"
     pairs: list[tuple[str, str]] = []
-    for start in range(0, len(order), config.n_samples):  # answer in chunks until enough pass the matcher
-        chunk = [prompts[i] for i in order[start:start + config.n_samples]]
+    start = 0
+    while len(pairs) < config.n_samples and start < len(order):  # answer in chunks until enough pass the matcher
+        size = max(8, round(1.25 * (config.n_samples - len(pairs))))  # what is missing, with a margin
+        chunk = [prompts[i] for i in order[start:start + size]]
+        start += size
         answers = cached_answers(model, chunk, config.max_new_tokens, path, progress=progress)
         pairs += [(p["text"], answers[p["id"]]) for p in chunk
                   if answers[p["id"]].strip() and is_refusal(answers[p["id"]]) == want_refusal]
-        if len(pairs) >= config.n_samples:
-            break
     if not pairs:
         raise MechsafeError(f"the model gave no {'refusal' if want_refusal else 'answer'} to the {kind} prompts; "
                             "score with the bundled responses instead (--responses bundled)")

@@ -309,3 +309,25 @@ def test_fingerprint_follows_the_weights():
     with torch.no_grad():
         b.blocks[0].mlp.W_in[0, 0] += 1e-3
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_own_responses_are_generated_until_enough_pass_the_matcher(tmp_path, monkeypatch):
+    from mechsafe.snip import data as snip_data
+
+    asked = []
+
+    def fake_answers(model, prompts, max_new_tokens, path, progress=True):
+        asked.append(len(prompts))  # every third prompt is refused
+        return {p["id"]: ("I can't help with that." if int(p["id"].split(":")[-1]) % 3 == 0 else "Sure, here it is.")
+                for p in prompts}
+
+    prompts = [{"id": f"p:{i}", "text": f"prompt {i}"} for i in range(100)]
+    monkeypatch.setattr(snip_data, "candidate_prompts", lambda kind: prompts)
+    monkeypatch.setattr(snip_data, "cached_answers", fake_answers)
+    pairs = snip_data._own_pairs(None, "utility", ScoreConfig(data="utility", n_samples=20), tmp_path, False)
+    assert len(pairs) == 20 and all(r == "Sure, here it is." for _, r in pairs)
+    assert asked[0] == 25 and sum(asked) < 40  # the shortfall (with a 25% margin), not another full chunk
+    order = __import__("numpy").random.default_rng(0).permutation(100)
+    assert [p for p, _ in pairs] == [f"prompt {i}" for i in order if i % 3][:20]
+    refusals = snip_data._own_pairs(None, "safety", ScoreConfig(data="safety", n_samples=5), tmp_path, False)
+    assert all(r.startswith("I can't") for _, r in refusals) and len(refusals) == 5
