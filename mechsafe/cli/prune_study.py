@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     def show(p: dict) -> None:
         if not args.no_progress:
-            print(f"  {p['method']:<18} {p['setting']:<7g} refusal {p['refusal_rate']['value']:.3f}  "
+            print(f"  {p['method']:<18} {p['setting']:<7g} refusal share {p['refusal_share']['value']:.3f}  "
                   f"answer NLL {p['answer_nll']['value']:.3f}  ({p['seconds']:.0f} s)", flush=True)
 
     result = run_study(model, sets["harmful"][0], sets["harmless"][0], cfg, root=args.scores_dir,

@@ -91,9 +91,9 @@ def kl_divergence(reference: HookedTransformer, model: HookedTransformer, prompt
     with torch.inference_mode():
         for idx in length_batches([len(e) for e in enc], batch_size):
             tokens, lengths = pad_right([enc[i].ids for i in idx], pad_id(model.tokenizer))
-            p = torch.log_softmax(reference(tokens.to(reference.cfg.device)).double().cpu(), dim=-1)
-            q = torch.log_softmax(model(tokens.to(model.cfg.device)).double().cpu(), dim=-1)
-            kl = (p.exp() * (p - q)).sum(-1)
+            p = torch.log_softmax(reference(tokens.to(reference.cfg.device)).float(), dim=-1).cpu()
+            q = torch.log_softmax(model(tokens.to(model.cfg.device)).float(), dim=-1).cpu()
+            kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).double()
             for row, i in enumerate(idx):
                 kl_sum[i], n_pos[i] = float(kl[row, :int(lengths[row])].sum()), int(lengths[row])
     return bootstrap(_ratio, kl_sum, n_pos)

@@ -93,6 +93,11 @@ def test_prune_study_runs_end_to_end_and_resumes(tiny, tmp_path, capsys, monkeyp
     assert result["n_harmful"] == 3 and (run / "pruning.png").is_file()
     report = (run / "report.md").read_text()
     assert "## Verdict" in report and report.count("| top-safety |") == 2
-    # a rerun reuses every finished point
-    monkeypatch.setattr(study, "_evaluate_point", lambda *a, **k: pytest.fail("finished points must be reused"))
+    base = result["points"][0]
+    assert "confirmed" in base and result["verdict"]["baseline"]["refusal_rate"] == base["confirmed"]["refusal_rate"]["value"]
+    confirmed = {i for c in result["verdict"]["claims"] for i in c["points"]}
+    assert all(("confirmed" in p) == (i in confirmed or i == 0) for i, p in enumerate(result["points"]))
+    # a rerun reuses every finished point and confirmation
+    monkeypatch.setattr(study._Fast, "__call__", lambda *a, **k: pytest.fail("finished points must be reused"))
+    monkeypatch.setattr(study._Fast, "confirm", lambda *a, **k: pytest.fail("confirmations must be reused"))
     assert main(argv) == 0
