@@ -14,6 +14,14 @@ class MechsafeError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+def closest(name: str, known) -> str:
+    """`` (did you mean X?)`` naming the known value closest to a misspelled ``name``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def check_keys(given, known, what: str) -> None:
     """Raise naming each unknown key of ``given`` with the closest of ``known`` (a typo in a preset or override)."""
     import difflib

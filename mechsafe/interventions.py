@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import logging
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -46,7 +45,7 @@ import torch
 from jaxtyping import Float
 from transformer_lens import HookedTransformer
 
-from mechsafe.errors import MechsafeError
+from mechsafe.errors import MechsafeError, closest
 from mechsafe.hooks import check_hook, hook_names, parse_layers
 from mechsafe.weights import WEIGHT_KINDS, select, unit_masks, writing_weights
 
@@ -403,9 +402,8 @@ def prune_weights(model: HookedTransformer, masks: Mapping[str, torch.Tensor]) -
         raise MechsafeError("no weight masks given; pass {parameter name: boolean mask}")
     for name, mask in masks.items():
         if name not in params:
-            close = difflib.get_close_matches(name, list(params), n=1)
-            raise MechsafeError(f"the model has no weight {name!r}{f' (did you mean {close[0]}?)' if close else ''}; "
-                                "masks must come from this model's weights")
+            raise MechsafeError(f"the model has no weight {name!r}{closest(name, params)}; masks must come from this "
+                                "model's weights")
         if tuple(mask.shape) != tuple(params[name].shape) or mask.dtype != torch.bool:
             raise MechsafeError(f"the mask of {name} is {mask.dtype} {tuple(mask.shape)}, the weight is "
                                 f"{tuple(params[name].shape)}; pass boolean masks of the weights' shapes")

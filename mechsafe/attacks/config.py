@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from mechsafe.errors import MechsafeError
+from mechsafe.errors import MechsafeError, closest
 
 FINETUNE_ATTACKS = ("harmful-lora", "harmful-full", "benign-lora")
 """Gradient attacks: fine-tuning on harmful pairs (LoRA or every weight) or on benign utility pairs only."""
@@ -21,11 +21,7 @@ def check_attacks(names) -> tuple[str, ...]:
         raise MechsafeError(f"no attack named; choose from {', '.join(ATTACKS)}")
     for name in names:
         if name not in ATTACKS:
-            import difflib
-
-            close = difflib.get_close_matches(name, ATTACKS, n=1)
-            raise MechsafeError(f"unknown attack {name!r}{f' (did you mean {close[0]}?)' if close else ''}; "
-                                f"choose from {', '.join(ATTACKS)}")
+            raise MechsafeError(f"unknown attack {name!r}{closest(name, ATTACKS)}; choose from {', '.join(ATTACKS)}")
     return names
 
 
