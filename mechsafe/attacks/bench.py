@@ -33,6 +33,7 @@ from mechsafe.data import compliances, prompt_pool
 from mechsafe.errors import MechsafeError
 from mechsafe.evaluation.refusal import refusal_score
 from mechsafe.finetune import FinetuneConfig, finetune
+from mechsafe.forward import encode_examples
 from mechsafe.runs import read_json, stable_hash
 from mechsafe.weights import fingerprint
 
@@ -134,7 +135,8 @@ def run_finetune_trial(model: HookedTransformer, clean: dict[str, torch.Tensor],
                         batch_size=min(config.batch_size, len(pairs)), seed=setting["seed"],
                         callback_every=config.eval_every, checkpoint_every=0)
     per_step = step_flops(ft, pairs)
-    curve: list[dict[str, Any]] = [{"step": 0, "flops": 0, "seconds": 0.0, **base}]
+    tokens_per_step = ft.batch_size * float(np.mean([len(s) for s in encode_examples(model.tokenizer, pairs)]))
+    curve: list[dict[str, Any]] = [{"step": 0, "flops": 0, "tokens": 0, "seconds": 0.0, **base}]
     t0 = time.perf_counter()
     broken: dict[str, Any] | None = None
 
@@ -142,7 +144,8 @@ def run_finetune_trial(model: HookedTransformer, clean: dict[str, torch.Tensor],
         nonlocal broken
         if step == 0:  # the unattacked point is already on the curve
             return
-        point = {"step": step, "flops": step * per_step, "seconds": time.perf_counter() - t0, **fast(m)}
+        point = {"step": step, "flops": step * per_step, "tokens": round(step * tokens_per_step),
+                 "seconds": time.perf_counter() - t0, **fast(m)}
         curve.append(point)
         if threat.broken(point["refusal"], point["nll"], base["refusal"], base["nll"]):
             broken = {**point, "confirmed": fast.confirm(m)}
@@ -352,6 +355,7 @@ def summarize(trials: Sequence[dict[str, Any]], threat: ThreatModel, base: dict[
                  "cost_to_break": None if best is None else {
                      "flops": best["break"]["flops"], "step": best["break"]["step"],
                      "setting": {k: best.get(k) for k in ("lr", "n_examples", "seed", "rank", "p_q", "part") if k in best},
+                     "tokens": best["break"].get("tokens"),
                      "refusal_rate": best["break"]["confirmed"]["refusal_rate"], "nll": best["break"]["nll"],
                      "seconds": best["break"].get("seconds")},
                  "cost_to_absolute": min((p["flops"] for p in absolute), default=None)}

@@ -49,18 +49,18 @@ def _flops(v: float | None) -> str:
 
 def bench_table(result: dict[str, Any]) -> str:
     build = result.get("build_flops")
-    rows = ["| attack | trials | broken | cost to break (FLOPs) | % of building | steps | setting | refusal rate "
-            "(generation) | NLL | cost to refusal <= abs. threshold |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| attack | trials | broken | cost to break (FLOPs) | % of building | steps | tokens | setting | refusal rate "
+            "(generation) | NLL | cost to refusal <= abs. threshold |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for attack, s in result["summary"].items():
         c = s["cost_to_break"]
         if c is None:
-            rows.append(f"| {attack} | {s['trials']} | 0 | not broken | | | | | | {_flops(s['cost_to_absolute'])} |")
+            rows.append(f"| {attack} | {s['trials']} | 0 | not broken | | | | | | | {_flops(s['cost_to_absolute'])} |")
             continue
         share = f"{100 * c['flops'] / build:.3g}%" if build and c["flops"] else ""
         setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["setting"].items())
         r = c["refusal_rate"]
         rows.append(f"| {attack} | {s['trials']} | {s['broken_trials']} | {_flops(c['flops'])} | {share} | {c['step']} | "
-                    f"{setting} | {r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}] | {c['nll']:.3f} | "
+                    f"{c.get('tokens') or ''} | {setting} | {r['value']:.3f} [{r['low']:.3f}, {r['high']:.3f}] | {c['nll']:.3f} | "
                     f"{_flops(s['cost_to_absolute'])} |")
     return "\n".join(rows)
 

@@ -199,6 +199,9 @@ def compute_scores(model: HookedTransformer, examples: Sequence[tuple], config: 
     unfinished one resumed. ``config.data == "safety-short"`` scores the first ``config.short_tokens`` response
     tokens only. Runs data-parallel when a ``torch.distributed`` process group is up (see module docs)."""
     config = config or ScoreConfig()
+    if model_info(model).processing not in ("none", "unknown"):
+        raise MechsafeError(f"SNIP scores refer to the model's real weights, but it was loaded with processing "
+                            f"{model_info(model).processing!r}; load it with processing='none'")
     handles = select(model, config.kinds, config.layers, skip_missing=True)
     if not handles:
         raise MechsafeError(f"no weight of kinds {list(config.kinds)} exists in this model; choose other kinds")
