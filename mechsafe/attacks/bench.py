@@ -260,7 +260,8 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
     if any(a in ("harmful-lora", "harmful-full") for a in config.attacks):
         if base_model is None:
             raise MechsafeError("harmful fine-tuning attacks need the unaligned base model to answer the requests")
-        pools["harmful"] = compliant_pairs(base_model, requests, cache_dir() / "attacks" / "answers", progress=progress)
+        pools["harmful"] = compliant_pairs(base_model, requests, cache_dir() / "attacks" / "answers",
+                                           config.answer_tokens, progress=progress)
     pools["benign"] = benign_pairs()
     flops_cache: dict[tuple[str, int], int] = {}
 

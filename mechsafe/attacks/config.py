@@ -71,12 +71,14 @@ class BenchConfig:
     """Most optimizer steps of a fine-tuning trial (the full sweep: 200)."""
     eval_every: int = 5
     """Evaluate a fine-tuning trial every this many steps (and at step 0)."""
-    n_examples: tuple[int, ...] = (10, 50)
+    n_examples: tuple[int, ...] = (10,)
     """Training pairs of a fine-tuning trial (0: all of them)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds of every fine-tuning setting (example draw, order and LoRA initialization)."""
-    batch_size: int = 8
+    batch_size: int = 4
     """Pairs per optimizer step."""
+    answer_tokens: int = 64
+    """Most tokens of the base model's answers trained on (they are generated with up to 96 and cut)."""
     lora_rank: int = 8
     """LoRA rank of the LoRA attacks (targets: the trainer's defaults)."""
     full_lrs_scale: float = 0.1
@@ -101,7 +103,8 @@ class BenchConfig:
         self.lrs = tuple(float(v) for v in self.lrs)
         if not self.lrs or any(not (v > 0 and math.isfinite(v)) for v in self.lrs):
             raise MechsafeError(f"lrs={self.lrs} must be positive numbers")
-        for name in ("steps", "eval_every", "batch_size", "lora_rank", "directions", "confirm_max_new_tokens"):
+        for name in ("steps", "eval_every", "batch_size", "answer_tokens", "lora_rank", "directions",
+                     "confirm_max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise MechsafeError(f"{name}={getattr(self, name)} must be a positive integer")
         if any(n < 0 for n in self.n_examples) or not self.n_examples:

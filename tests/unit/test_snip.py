@@ -295,6 +295,11 @@ def test_bad_input_names_the_fix(tmp_path):
             StudyConfig(sparsities=(bad,))
     with pytest.raises(MechsafeError, match="no SNIP scores"):
         ScoreStore.open(tmp_path)
+    from mechsafe.models import ModelInfo
+
+    model.mechsafe_info = ModelInfo(spec="tiny", source="custom", processing="fold")
+    with pytest.raises(MechsafeError, match="processing='none'"):
+        compute_scores(model, EXAMPLES, ScoreConfig(data="x.jsonl"), root=tmp_path, progress=False)
     assert not any(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(MechsafeError, match="has no column 'response'"):
         from mechsafe.data import load_pairs
