@@ -65,6 +65,15 @@ def bench_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def refusal_only_table(result: dict[str, Any]) -> str:
+    rows = ["| attack | least FLOPs | step | refusal share (fast) | answer NLL there |", "|---|---|---|---|---|"]
+    for attack, s in result["summary"].items():
+        r = s.get("refusal_only")
+        rows.append(f"| {attack} | not reached | | | |" if r is None else
+                    f"| {attack} | {_flops(r['flops'])} | {r['step']} | {r['refusal']:.3f} | {r['nll']:.3f} |")
+    return "\n".join(rows)
+
+
 def seeds_table(result: dict[str, Any]) -> str:
     rows = ["| attack | lr | examples | seeds broken | mean FLOPs to break |", "|---|---|---|---|---|"]
     for attack, s in result["summary"].items():
@@ -85,4 +94,6 @@ def bench_markdown(result: dict[str, Any], figure: str = "curves.png") -> str:
         f"(refusal score above {result['calibration']['threshold']:.2f}); reference-answer NLL {base['nll']:.3f}. "
         + (f"Building the model cost {build:.3g} FLOPs." if build else "The FLOPs of building the model are unknown."), "",
         "## Cost to break", "", bench_table(result), "", f"![curves]({figure})", "",
+        "## Refusal alone", "", "The cheapest point of each attack where the fast refusal share falls to the threat "
+        "model's level, whatever utility does (the NLL there shows what it cost):", "", refusal_only_table(result), "",
         "## Fine-tuning settings over seeds", "", seeds_table(result), ""])
