@@ -303,7 +303,7 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
                 made = [score(model, ScoreConfig(data=d, responses=config.responses), progress=progress)
                         for d in ("safety-short", "utility")]
                 stores.update(safety=scores_of(made[0], model), utility=scores_of(made[1], model),
-                              flops=float(sum(dense_estimate(n_params, m.manifest["n_tokens"]) for m in made)))
+                              flops=float(sum(dense_estimate(n_params, m.n_tokens) for m in made)))
             masks = {n: set_difference(t, stores["utility"][n], q, q) for n, t in stores["safety"].items()}
             return _edit_trial(model, "pruning", {"p_q": q}, lambda: iv.prune_weights(model, masks), stores["flops"],
                                fast, threat, base)

@@ -102,6 +102,14 @@ class ScoreStore:
     def data(self) -> str:
         return str(self.manifest["config"]["data"])
 
+    @property
+    def n_tokens(self) -> int:
+        """Tokens the scoring passes ran over (prompts and responses)."""
+        if "n_tokens" not in self.manifest:
+            raise MechsafeError(f"the SNIP scores in {self.path} do not record their token count; delete them and score "
+                                "again")
+        return int(self.manifest["n_tokens"])
+
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
         """The scores of block ``layer`` by weight kind (float32)."""
         if layer not in self.layers:
