@@ -103,12 +103,13 @@ def _restore(model: HookedTransformer, clean: dict[str, torch.Tensor]) -> None:
             p.copy_(clean[name])
 
 
-def _step_flops(model: HookedTransformer, clean: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]],
+def _step_flops(model: HookedTransformer, clean: dict[str, torch.Tensor], data: Sequence,
                 config: FinetuneConfig) -> int:
-    """FLOPs of one optimizer step of ``config`` on its first batch of ``pairs`` (the model is restored after)."""
-    one = dataclasses.replace(config, steps=1, callback_every=1)
+    """FLOPs of one optimizer step of ``config`` on its first batch of ``data`` ((prompt, response) pairs or
+    objectives); the model is restored after."""
+    one = dataclasses.replace(config, steps=1, callback_every=1, checkpoint_every=0)
     try:
-        return count_flops(lambda: finetune(model, list(pairs), one, progress=False))
+        return count_flops(lambda: finetune(model, list(data), one, progress=False))
     finally:
         _restore(model, clean)
 
@@ -354,8 +355,7 @@ def summarize(trials: Sequence[dict[str, Any]], threat: ThreatModel, base: dict[
 
         confirmed = [t for t in mine if holds(t)]
         best = min(confirmed, key=lambda t: t["break"]["flops"], default=None)
-        absolute = [p for t in mine for p in t["curve"]
-                    if threat.broken(p["refusal"], p["nll"], base["refusal"], base["nll"], absolute=True)]
+        absolute = first_break([p for t in mine for p in t["curve"]], threat, base, absolute=True)
         refusal_only = min((p for t in mine for p in t["curve"] if p["refusal"] <= threat.refusal_fraction * base["refusal"]),
                            key=lambda p: p["flops"], default=None)
         entry = {"trials": len(mine), "broken_trials": len(confirmed),
@@ -365,7 +365,7 @@ def summarize(trials: Sequence[dict[str, Any]], threat: ThreatModel, base: dict[
                      "tokens": best["break"].get("tokens"),
                      "refusal_rate": best["break"]["confirmed"]["refusal_rate"], "nll": best["break"]["nll"],
                      "seconds": best["break"].get("seconds")},
-                 "cost_to_absolute": min((p["flops"] for p in absolute), default=None),
+                 "cost_to_absolute": None if absolute is None else absolute["flops"],
                  "refusal_only": None if refusal_only is None else {
                      k: refusal_only[k] for k in ("flops", "step", "refusal", "nll") if k in refusal_only}}
         if attack in FINETUNE_ATTACKS:
@@ -396,8 +396,4 @@ def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -
     objectives, _ = training_objectives(config, base_model, build_dir, progress=False)
     steps = int(read_json(build_dir / "finetune" / "run.json")["steps"])
     clean = {n: p.detach().clone() for n, p in base_model.named_parameters()}
-    one = dataclasses.replace(config.finetune, steps=1, checkpoint_every=0)
-    try:
-        return float(steps * count_flops(lambda: finetune(base_model, objectives, one, progress=False)))
-    finally:
-        _restore(base_model, clean)
+    return float(steps * _step_flops(base_model, clean, objectives, config.finetune))
