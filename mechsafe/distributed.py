@@ -55,3 +55,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group (every rank, before it exits: a rank that exits with the group still up can abort)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

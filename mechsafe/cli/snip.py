@@ -82,8 +82,12 @@ def run_score(args: argparse.Namespace) -> int:
     cfg = ScoreConfig(**config_values(ScoreConfig, args))
     distributed.init_from_env(args.device)
     model = _load(args)
-    store = score(model, cfg, root=args.scores_dir, progress=not args.no_progress and distributed.rank() == 0)
-    if distributed.rank() != 0:
+    rank = distributed.rank()
+    try:
+        store = score(model, cfg, root=args.scores_dir, progress=not args.no_progress and rank == 0)
+    finally:
+        distributed.shutdown()
+    if rank != 0:
         return 0
     with start_run(args.runs_dir, "snip score", config=store.manifest["config"], seed=cfg.seed,
                    processing=args.processing) as run:

@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent(f"""
     store = compute_scores(make_tiny_model(), {EXAMPLES!r}, ScoreConfig(data="x.jsonl", batch_size=2),
                            root=sys.argv[1], progress=False)
     print("rank", distributed.rank(), "store", store.path.name)
+    distributed.shutdown()
 """)
 
 
