@@ -5,7 +5,7 @@ TRAIN prompts with bundled refusals filling the length): by default 128 pairs, t
 samples, so the fixed costs (hashing the weights, writing the scores) weigh as they do in a real run. The reference is a
 forward pass over each batch without gradients (``torch.inference_mode``); SNIP scoring
 (:func:`mechsafe.snip.compute_scores`, every block weight in one pass) runs a forward and a backward per batch and
-adds ``|∇|`` into its sums, with the default settings (one pair per forward/backward pass, the batch's gradient
+adds ``|∇|`` into its sums, with the default settings (two pairs per forward/backward pass, the batch's gradient
 summed over its pairs before the absolute value). Each is timed ``--repeats`` times, alternating; the fastest of
 each is compared. Resident memory is sampled every 5 ms while scoring; its peak, less what the process held before
 the model was loaded (the interpreter and its libraries), is what scoring needs: the model, the score sums, one

@@ -48,10 +48,10 @@ class ScoreConfig:
     batch_size: int = 1
     """Pairs per backward pass. The absolute gradient is taken per batch, so the batch size is part of the score's
     definition: 1 (the reference code's choice) sums per-example absolute gradients."""
-    micro_batch: int = 1
+    micro_batch: int = 2
     """Pairs per forward/backward pass. A batch's gradient is summed over its micro-batches before the absolute value,
-    so this changes memory and speed, not the scores; larger values are faster where activation memory is plentiful
-    (GPUs)."""
+    so this changes memory and speed, not the scores: each pass adds one pass's activations to memory and saves one
+    accumulation of the gradients; larger values are faster where activation memory is plentiful (GPUs)."""
     kinds: tuple[str, ...] = WEIGHT_KINDS
     """Weight kinds scored (``attn.W_Q``, ``attn.W_K``, ``attn.W_V``, ``attn.W_O``, ``mlp.W_in``, ``mlp.W_gate``,
     ``mlp.W_out``); kinds a model lacks (``W_gate`` without a gated MLP) are skipped."""

@@ -2,7 +2,7 @@
 
 ``L`` is the mean NLL of a batch's response tokens given their prompts (prompt tokens masked). The absolute value
 is taken per batch, before the sum over batches (never ``|Σ ∇|``). A batch runs in micro-batches of
-``micro_batch`` pairs (one by default, which bounds activation memory); their gradients accumulate, and on the
+``micro_batch`` pairs (two by default, which bounds activation memory); their gradients accumulate, and on the
 batch's last backward pass a hook on each selected parameter adds ``|∇|`` into a float32 accumulator and zeroes the
 gradient in place. One pass over the data collects the blocks of ``layers_per_pass`` (all by default); the scores
 then stream to disk, one safetensors file per block, next to a manifest.
