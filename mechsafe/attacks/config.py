@@ -78,7 +78,7 @@ class BenchConfig:
     batch_size: int = 4
     """Pairs per optimizer step."""
     answer_tokens: int = 64
-    """Most tokens of the base model's answers trained on (they are generated with up to 96 and cut)."""
+    """Most tokens of the base model's answers trained on (generated once per base model and cached)."""
     lora_rank: int = 8
     """LoRA rank of the LoRA attacks (targets: the trainer's defaults)."""
     full_lrs_scale: float = 0.1

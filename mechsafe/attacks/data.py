@@ -34,21 +34,13 @@ def harmful_requests(source: str | None = None, text_column: str | None = None) 
     return [{"id": r["id"], "text": r["text"]} for r in rows]
 
 
-GENERATED_TOKENS = 96
-"""Tokens of each base-model answer generated (and cached); training cuts them to ``BenchConfig.answer_tokens``."""
-
-
 def compliant_pairs(base: HookedTransformer, requests: Sequence[dict[str, str]], cache: Path, max_new_tokens: int = 64,
                     min_words: int = 12, progress: bool = True) -> list[tuple[str, str]]:
-    """``(request, answer)`` pairs where the base model complied: its greedy answer (cut to ``max_new_tokens``
-    tokens) is not a refusal and has at least ``min_words`` words (generated once with :data:`GENERATED_TOKENS`
-    tokens and cached under ``cache``)."""
+    """``(request, answer)`` pairs where the base model complied: its greedy answer of at most ``max_new_tokens``
+    tokens is not a refusal and has at least ``min_words`` words (generated once and cached under ``cache``; answers
+    cached with more tokens are cut)."""
     path = cache / f"compliant-{stable_hash([r['text'] for r in requests])}.json"
-    answers = cached_answers(base, list(requests), GENERATED_TOKENS, path, progress=progress)
-    if max_new_tokens < GENERATED_TOKENS:
-        tok = base.tokenizer
-        answers = {k: tok.decode(tok(v, add_special_tokens=False)["input_ids"][:max_new_tokens], skip_special_tokens=True)
-                   for k, v in answers.items()}
+    answers = cached_answers(base, list(requests), max_new_tokens, path, progress=progress)
     pairs = [(r["text"], answers[r["id"]].strip()) for r in requests
              if not is_refusal(answers[r["id"]]) and len(answers[r["id"]].split()) >= min_words]
     if not pairs:

@@ -354,7 +354,11 @@ def finetune(model: HookedTransformer, objectives: Objective | Sequence[Objectiv
             params = _trained_parameters(model, config)
         for t in transforms:
             t.check(params)
-        optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        # one fused kernel over every trained tensor (~10x faster on CPU when every weight trains); LoRA's few
+        # factors keep the default implementation
+        fused = config.method != "lora" and all(p.device.type in ("cpu", "cuda") for p in params.values())
+        optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay,
+                                      fused=fused or None)
         step, losses, terms = 0, [], {o.name: [] for o in objectives}
         if run_dir is not None and resume and _checkpoint_dirs(run_dir):
             step, losses, terms = _load_checkpoint(_checkpoint_dirs(run_dir)[-1], fingerprint, params, optimizer)
