@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_lora_branch.py
 	$(BIN)/python benchmarks/bench_full_vs_lora.py
 	$(BIN)/python benchmarks/bench_snip.py
+	$(BIN)/python benchmarks/bench_drift.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -67,7 +67,7 @@ class BenchConfig:
     ``structural``: the last only for defended models)."""
     lrs: tuple[float, ...] = (1e-4, 1e-3)
     """Learning rates of the fine-tuning sweep (the full sweep: 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)."""
-    steps: int = 20
+    steps: int = 15
     """Most optimizer steps of a fine-tuning trial (the full sweep: 200)."""
     eval_every: int = 5
     """Evaluate a fine-tuning trial every this many steps (and at step 0)."""

@@ -1,8 +1,8 @@
 """Attack data without harmful text in the repository, and the disjointness of attack and evaluation prompts.
 
-* **harmful pairs**: harmful requests (the TRAIN split of the bundled harmful prompts and the training-only refusal
-  prompts, or a local file) with the *unaligned* base model's own answers: greedy, cached by model, kept when the
-  refusal matcher does not call them refusals and they have at least ``min_words`` words;
+* **harmful pairs**: harmful requests (the TRAIN split of the bundled harmful prompts, or a local file) with the
+  *unaligned* base model's own answers: greedy, cached by model, kept when the refusal matcher does not call them
+  refusals and they have at least ``min_words`` words;
 * **benign pairs** (Qi et al. 2023's benign fine-tuning attack): the TRAIN splits of the bundled instructions and
   arithmetic problems with their reference answers.
 """
@@ -30,8 +30,7 @@ def harmful_requests(source: str | None = None, text_column: str | None = None) 
     if source:
         texts, _ = data.load_texts(source, "all", text_column)
         return [{"id": f"{Path(source).name}:{i}", "text": t} for i, t in enumerate(texts)]
-    rows = data.prompt_pool("harmful", "train") + data.refusal_prompts()
-    return [{"id": r["id"], "text": r["text"]} for r in rows]
+    return [{"id": r["id"], "text": r["text"]} for r in data.prompt_pool("harmful", "train")]
 
 
 def compliant_pairs(base: HookedTransformer, requests: Sequence[dict[str, str]], cache: Path, max_new_tokens: int = 64,

@@ -24,6 +24,7 @@ SUBCOMMANDS = (
     "mechsafe.cli.snip",
     "mechsafe.cli.prune_study",
     "mechsafe.cli.attack",
+    "mechsafe.cli.drift",
 )
 """Modules defining subcommands; each has ``register(subparsers)`` that sets ``func``."""
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,42 @@ def test_safety_pruning_study_on_a_tiny_model(tmp_path, monkeypatch):
                                                     "actsvd", "actsvd-orthogonal"]
     with pytest.raises(MechsafeError, match="overlap-fraction"):
         script.main(["--overlap-fraction", "2", "--runs-dir", str(runs)])
+
+
+def test_safety_neuron_drift_study_on_a_tiny_model(tmp_path, monkeypatch):
+    import mechsafe
+    from conftest import make_tiny_model
+
+    import mechsafe.drift.study as study
+
+    model = make_tiny_model()
+    monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(mechsafe, "load_model", lambda *a, **k: model)
+    # a random tiny model's answers are not text; stand in for the base model's compliant answers
+    monkeypatch.setattr(study, "compliant_pairs", lambda *a, **k: [(f"help me {i}", f"sure here is step {i}")
+                                                                   for i in range(6)])
+    for kind in ("harmful", "harmless"):
+        (tmp_path / f"{kind}.jsonl").write_text("".join(json.dumps({"text": f"{kind} prompt {i}"}) + "\n"
+                                                        for i in range(4)))
+    runs = tmp_path / "runs"
+    argv = ["--harmful", str(tmp_path / "harmful.jsonl"), "--harmless", str(tmp_path / "harmless.jsonl"),
+            "--steps", "2", "--every", "1", "--seeds", "0,1", "--n-examples", "4", "--batch-size", "2",
+            "--eval-limit", "3", "--freeze-fractions", "0.1", "--freeze-steps", "2", "--freeze-every", "1",
+            "--group-fraction", "0.25", "--utility-p", "0.25", "--responses", "bundled",
+            "--scores-dir", str(tmp_path / "scores"), "--runs-dir", str(runs), "--no-progress"]
+    monkeypatch.setattr("sys.argv", ["safety_neuron_drift.py", *argv])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(ROOT / "analyses" / "safety_neuron_drift.py"), run_name="__main__")
+    assert done.value.code == 0
+    (run_dir,) = list(runs.iterdir())
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["verdict"]["answer"] in ("H1", "H2", "inconclusive")
+    assert [(r["group"], r["fraction"]) for r in res["freezing"]] == [
+        ("none", 0.0), ("top-safety", 0.1), ("set-difference", 0.1), ("random", 0.1)]
+    assert all(r["frozen_identical"] for r in res["freezing"]) and res["freezing"][1]["n_neurons"] == 6 * 3
+    assert res["series"]["harmful"]["neuron"]["relative"]["random"]["steps"] == [0, 1, 2]
+    # the family: 2 conditions x 3 measures x 2 safety groups x 2 baselines
+    assert len(res["tests"]) == 24
+    for name in ("drift.png", "drift-heads.png", "final.png", "freezing.png", "report.md"):
+        assert (run_dir / name).is_file()
+    assert "Verdict" in (run_dir / "report.md").read_text()
