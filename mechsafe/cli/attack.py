@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mechsafe.cli.common import add_config_flags, add_runs_arg, config_values
+from mechsafe.cli.common import add_config_flags, add_held_out_args, add_runs_arg, config_values, load_held_out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,10 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default="smollm2-135m-instruct",
                    help="unaligned model whose own answers the harmful fine-tuning attacks train on (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    for kind in ("harmful", "harmless"):
-        p.add_argument(f"--{kind}", default=kind, help=f"held-out {kind} prompts: a bundled suite (its test split) or "
-                                                      "a local .jsonl/.csv/.parquet file (default: %(default)s)")
-        p.add_argument(f"--{kind}-text-column", metavar="COLUMN", help=f"text column of the {kind} file (default: text)")
+    add_held_out_args(p)
     p.add_argument("--attack-requests", metavar="FILE", help="harmful requests to train on (default: the bundled "
                                                             "training prompts)")
     p.add_argument("--attack-requests-column", metavar="COLUMN", help="text column of --attack-requests")
@@ -43,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = BenchConfig(**config_values(BenchConfig, args))
     threat = ThreatModel(**config_values(ThreatModel, args))
-    sets = {kind: ms.data.load_texts(getattr(args, kind), "test", getattr(args, f"{kind}_text_column"))
-            for kind in ("harmful", "harmless")}
+    sets = load_held_out(args)
     requests = harmful_requests(args.attack_requests, args.attack_requests_column) if args.attack_requests else None
     model = ms.load_model(args.model, processing="none", device=args.device)
     needs_base = any(a.startswith("harmful-") for a in config.attacks)

@@ -25,6 +25,24 @@ def add_model_args(parser: argparse.ArgumentParser, processing: str = "none") ->
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
 
 
+def add_held_out_args(parser: argparse.ArgumentParser) -> None:
+    """``--harmful``/``--harmless`` (held-out prompt sets) and their ``--*-text-column``."""
+    for kind in ("harmful", "harmless"):
+        parser.add_argument(f"--{kind}", default=kind, help=f"held-out {kind} prompts: a bundled suite (its test split), "
+                                                            "a hub dataset or a local .jsonl/.csv/.parquet file "
+                                                            "(default: %(default)s)")
+        parser.add_argument(f"--{kind}-text-column", metavar="COLUMN",
+                            help=f"text column of the {kind} file (default: text)")
+
+
+def load_held_out(args: argparse.Namespace) -> dict[str, tuple[list[str], str]]:
+    """``{"harmful": (texts, where), "harmless": (texts, where)}`` from :func:`add_held_out_args`'s options."""
+    from mechsafe.data import load_texts
+
+    return {kind: load_texts(getattr(args, kind), "test", getattr(args, f"{kind}_text_column"))
+            for kind in ("harmful", "harmless")}
+
+
 def add_data_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument("--data", required=required,
                         help="bundled suite name, hub dataset name, or local .jsonl/.csv/.parquet file")

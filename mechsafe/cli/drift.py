@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from mechsafe.cli.common import add_config_flags, add_runs_arg, config_values
+from mechsafe.cli.common import add_config_flags, add_held_out_args, add_runs_arg, config_values, load_held_out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default="smollm2-135m-instruct",
                    help="unaligned model whose own answers the harmful fine-tune trains on (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    for kind in ("harmful", "harmless"):
-        p.add_argument(f"--{kind}", default=kind, help=f"held-out {kind} prompts: a bundled suite (its test split) or "
-                                                      "a local .jsonl/.csv/.parquet file (default: %(default)s)")
-        p.add_argument(f"--{kind}-text-column", metavar="COLUMN", help=f"text column of the {kind} file (default: text)")
+    add_held_out_args(p)
     p.add_argument("--groups", metavar="DIR", help="SNIP unit groups: the groups/ folder of a mechsafe snip groups run "
                                                   "(top-safety, top-utility, set-difference, random); default: made "
                                                   "from the model's SNIP scores")
@@ -43,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from mechsafe.snip.groups import GROUPS, Group
 
     config = DriftConfig(**config_values(DriftConfig, args))
-    sets = {kind: ms.data.load_texts(getattr(args, kind), "test", getattr(args, f"{kind}_text_column"))
-            for kind in ("harmful", "harmless")}
+    sets = load_held_out(args)
     groups = None
     if args.groups:
         groups = {g: Group.load(Path(args.groups) / f"{g}.safetensors") for g in GROUPS}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from mechsafe.cli.common import add_config_flags, add_model_args, add_runs_arg, config_values
+from mechsafe.cli.common import add_config_flags, add_held_out_args, add_model_args, add_runs_arg, config_values, load_held_out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,10 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "utility holds? (Wei et al., 2024)")
     add_model_args(p)
     p.set_defaults(model="smollm2-135m-aligned")
-    for kind in ("harmful", "harmless"):
-        p.add_argument(f"--{kind}", default=kind, help=f"held-out {kind} prompts: a bundled suite (its test split), a hub "
-                                                      "dataset or a local .jsonl/.csv/.parquet file (default: %(default)s)")
-        p.add_argument(f"--{kind}-text-column", metavar="COLUMN", help=f"text column of the {kind} file (default: text)")
+    add_held_out_args(p)
     p.add_argument("--scores-dir", help="folder of SNIP score stores and study points (default: $MECHSAFE_CACHE/snip)")
     add_config_flags(p.add_argument_group("study (any StudyConfig field)"), StudyConfig)
     add_runs_arg(p)
@@ -36,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = StudyConfig(**config_values(StudyConfig, args))
     if args.processing != "none":
         raise MechsafeError("the pruning study edits the model's real weights; load it with --processing none")
-    sets = {kind: ms.data.load_texts(getattr(args, kind), "test", getattr(args, f"{kind}_text_column"))
-            for kind in ("harmful", "harmless")}
+    sets = load_held_out(args)
     model = ms.load_model(args.model, processing="none", device=args.device)
 
     def show(p: dict) -> None:

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 TESTED_METRICS = ("relative", "l2", "cosine_distance")
 """Per-unit drift measures compared between groups: ``‖Δ‖/‖w0‖`` (normalised), ``‖Δ‖`` (absolute), ``1 - cos``."""
 GROUP_ORDER = ("top-safety", "set-difference", "top-utility", "random")
+RECORD_FORMAT = "mechsafe-drift-records/1"
 
 
 def _restore(model: HookedTransformer, clean: dict[str, torch.Tensor]) -> None:
@@ -135,11 +136,19 @@ def load_records(folder: Path) -> list[tuple[dict[str, torch.Tensor], dict[str, 
 
 def drift_run(model: HookedTransformer, clean: dict[str, torch.Tensor], pairs: Sequence[tuple[str, str]],
               config: DriftConfig, seed: int, folder: Path, fast: FastEval, progress: bool = False) -> Path:
-    """One tracked fine-tune into ``folder`` (resumed when unfinished, skipped when finished); the model is
-    restored after."""
+    """One tracked fine-tune into ``folder`` (resumed when unfinished, skipped when finished): ``manifest.json``,
+    one ``step_NNNNN.safetensors`` record per tracked step and ``done.json`` at the end. The model is restored
+    after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "manifest.json").is_file():
+        write_json(folder / "manifest.json", {
+            "format": RECORD_FORMAT, "seed": seed, "method": config.method, "lr": config.lr, "steps": config.steps,
+            "every": config.every, "n_pairs": len(pairs), "model": model_info(model).to_dict(),
+            "tensors": {"neuron": "[n_layers, d_mlp, 3]", "head": "[n_layers, n_heads, 3]"},
+            "terms": "per unit: squared initial norm, <initial, change>, squared change (effective weights)",
+            "metadata": "meta: step, refusal share and mean score of held-out harmful prompts, answer NLL, seconds"})
     if (folder / "done.json").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     # the trainer checkpoints before it calls back: a kill between the two leaves a checkpoint without its record,
     # so resume from the last checkpoint that has one
     for checkpoint in sorted((folder / "train" / CHECKPOINTS).glob("step-*"), reverse=True):

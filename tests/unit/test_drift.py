@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -150,6 +151,7 @@ def test_drift_run_records_resume_after_a_kill(tmp_path):
         for unit in ("neuron", "head"):
             assert torch.allclose(a[unit], b[unit], rtol=1e-12, atol=1e-12)
     assert float(whole[-1][0]["neuron"][..., 2].min()) > 0 and float(whole[0][0]["neuron"][..., 2].max()) == 0
+    assert json.loads((tmp_path / "whole" / "manifest.json").read_text())["format"] == "mechsafe-drift-records/1"
 
 
 @pytest.fixture
