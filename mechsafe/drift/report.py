@@ -13,7 +13,8 @@ _COLORS = {"top-safety": "tab:red", "set-difference": "tab:purple", "top-utility
 
 
 def plot_series(result: dict[str, Any], unit: str = "neuron"):
-    """Drift against step per group (mean over seeds, band: min to max over seeds), per condition and metric."""
+    """Drift against step per group (mean over seeds and neurons; band: 95% bootstrap interval over the units of
+    their mean over seeds), per condition and metric."""
     import matplotlib.pyplot as plt
 
     conditions = list(result["series"])
@@ -29,7 +30,7 @@ def plot_series(result: dict[str, Any], unit: str = "neuron"):
                     continue
                 per_seed = np.array(s["per_seed"])
                 ax.plot(s["steps"], per_seed.mean(0), label=group, color=_COLORS[group])
-                ax.fill_between(s["steps"], per_seed.min(0), per_seed.max(0), color=_COLORS[group], alpha=0.2)
+                ax.fill_between(s["steps"], s["low"], s["high"], color=_COLORS[group], alpha=0.2)
             ax.set_title(f"{condition} fine-tune ({unit}s)")
             ax.set_xlabel("step")
             ax.set_ylabel(_LABELS[metric])

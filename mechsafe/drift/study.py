@@ -37,6 +37,7 @@ from mechsafe.finetune.trainer import CHECKPOINTS
 from mechsafe.models import cache_dir, model_info
 from mechsafe.runs import read_json, stable_hash, write_json
 from mechsafe.snip.groups import Group, top_count, unit_scores
+from mechsafe.stats import bootstrap
 from mechsafe.weights import fingerprint, unit_masks
 
 logger = logging.getLogger(__name__)
@@ -293,8 +294,12 @@ def analyze(work: Path, units: dict[str, dict[str, np.ndarray]], config: DriftCo
                 for metric in TESTED_METRICS:
                     means = np.array([[float(np.mean(s[step][metric])) if len(idx) else float("nan") for step in steps]
                                       for s in per_seed_step])
+                    bands = [bootstrap(np.mean, np.mean([s[step][metric] for s in per_seed_step], 0), n_boot=200,
+                                       seed=config.seed) if len(idx) else None for step in steps]
                     series.setdefault(condition, {}).setdefault(unit, {}).setdefault(metric, {})[group] = {
-                        "steps": steps, "per_seed": means.tolist()}
+                        "steps": steps, "per_seed": means.tolist(),
+                        "low": [b.low if b else float("nan") for b in bands],
+                        "high": [b.high if b else float("nan") for b in bands]}
                     last = np.stack([s[steps[-1]][metric] for s in per_seed_step])  # [seeds, units]
                     final.setdefault(condition, {}).setdefault(unit, {}).setdefault(metric, {})[group] = last
     summaries = {c: {u: {m: {g: group_summary(v, seed=config.seed) for g, v in gs.items() if v.shape[1]}
