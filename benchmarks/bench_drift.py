@@ -19,7 +19,7 @@ import time
 
 import mechsafe as ms
 from mechsafe.attacks.data import benign_pairs
-from mechsafe.attacks.evaluate import FastEval
+from mechsafe.attacks.evaluate import FastEval, eval_subsets
 from mechsafe.data import prompt_pool
 from mechsafe.drift import DriftConfig
 from mechsafe.drift.track import initial_state, unit_terms
@@ -56,8 +56,10 @@ def main() -> None:
     args = parser.parse_args()
     defaults = DriftConfig()
     model = ms.load_model("smollm2-135m-instruct", processing="none")
-    fast = FastEval(model, [p["text"] for p in prompt_pool("harmful", "test")[:defaults.eval_limit]],
-                    [p["text"] for p in prompt_pool("harmless", "test")[:defaults.eval_limit]], [])
+    harmful, harmless = eval_subsets([p["text"] for p in prompt_pool("harmful", "test")],
+                                     [p["text"] for p in prompt_pool("harmless", "test")], defaults.eval_limit,
+                                     defaults.seed)
+    fast = FastEval(model, harmful, harmless, [])
     del model
     track, evaluation, train = run("lora", args.steps, args.every, fast)
     full_track, _, full_train = run("full", args.steps, args.every, None)

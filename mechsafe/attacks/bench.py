@@ -25,8 +25,8 @@ from transformer_lens import HookedTransformer
 
 from mechsafe import interventions as iv
 from mechsafe.attacks.config import FINETUNE_ATTACKS, BenchConfig, ThreatModel
-from mechsafe.attacks.data import benign_pairs, check_disjoint, compliant_pairs, harmful_requests
-from mechsafe.attacks.evaluate import FastEval
+from mechsafe.attacks.data import benign_pairs, check_held_out, compliant_pairs, draw, harmful_requests
+from mechsafe.attacks.evaluate import FastEval, eval_subsets
 from mechsafe.attacks.flops import count_flops, dense_estimate, parameters
 from mechsafe.chat import format_prompt
 from mechsafe.data import compliances, prompt_pool
@@ -97,7 +97,8 @@ class TrialStore:
         self.done[trial["key"]] = trial
 
 
-def _restore(model: HookedTransformer, clean: dict[str, torch.Tensor]) -> None:
+def restore_weights(model: HookedTransformer, clean: dict[str, torch.Tensor]) -> None:
+    """Copy ``clean`` (parameter name -> tensor) back into ``model``'s parameters."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(clean[name])
@@ -111,7 +112,7 @@ def _step_flops(model: HookedTransformer, clean: dict[str, torch.Tensor], data: 
     try:
         return count_flops(lambda: finetune(model, list(data), one, progress=False))
     finally:
-        _restore(model, clean)
+        restore_weights(model, clean)
 
 
 def finetune_trials(config: BenchConfig) -> Iterator[dict[str, Any]]:
@@ -128,9 +129,7 @@ def finetune_trials(config: BenchConfig) -> Iterator[dict[str, Any]]:
 def run_finetune_trial(model: HookedTransformer, clean: dict[str, torch.Tensor], setting: dict[str, Any],
                        pool: Sequence[tuple[str, str]], config: BenchConfig, fast: FastEval, threat: ThreatModel,
                        base: dict[str, float], step_flops: Callable[[FinetuneConfig, Sequence], int]) -> dict[str, Any]:
-    rng = np.random.default_rng(setting["seed"])
-    n = setting["n_examples"] or len(pool)
-    pairs = [pool[i] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
+    pairs = draw(pool, setting["n_examples"] or len(pool), setting["seed"])
     ft = FinetuneConfig(method="full" if setting["attack"] == "harmful-full" else "lora", rank=config.lora_rank,
                         alpha=2.0 * config.lora_rank, lr=setting["lr"], steps=config.steps,
                         batch_size=min(config.batch_size, len(pairs)), seed=setting["seed"],
@@ -159,7 +158,7 @@ def run_finetune_trial(model: HookedTransformer, clean: dict[str, torch.Tensor],
     except _Stop:
         pass
     finally:
-        _restore(model, clean)
+        restore_weights(model, clean)
     return {**setting, "flops_per_step": per_step, "curve": curve, "break": broken,
             "seconds": time.perf_counter() - t0}
 
@@ -238,11 +237,8 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
         raise MechsafeError("the structural attack needs a defended model (a Defense naming its added parts); drop "
                             "'structural' from the attacks for a plain model")
     requests = list(attack_requests or harmful_requests())
-    check_disjoint([r["text"] for r in requests] + [p for p, _ in benign_pairs()], harmful_eval + harmless_eval)
-    rng = np.random.default_rng(config.seed)
-    limit = config.eval_limit or len(harmful_eval)
-    fast_harmful = [harmful_eval[i] for i in sorted(rng.permutation(len(harmful_eval))[:limit])]
-    fast_harmless = [harmless_eval[i] for i in sorted(rng.permutation(len(harmless_eval))[:limit])]
+    check_held_out(requests, harmful_eval + harmless_eval)
+    fast_harmful, fast_harmless = eval_subsets(harmful_eval, harmless_eval, config.eval_limit, config.seed)
     fast = FastEval(model, fast_harmful, fast_harmless, harmful_eval, max_new_tokens=config.confirm_max_new_tokens)
     base = fast(model)
     base_confirmed = fast.confirm(model)
@@ -261,8 +257,7 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
     if any(a in ("harmful-lora", "harmful-full") for a in config.attacks):
         if base_model is None:
             raise MechsafeError("harmful fine-tuning attacks need the unaligned base model to answer the requests")
-        pools["harmful"] = compliant_pairs(base_model, requests, cache_dir() / "attacks" / "answers",
-                                           config.answer_tokens, progress=progress)
+        pools["harmful"] = compliant_pairs(base_model, requests, config.answer_tokens, progress=progress)
     pools["benign"] = benign_pairs()
     flops_cache: dict[tuple[str, int], int] = {}
 

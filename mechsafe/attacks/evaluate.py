@@ -22,6 +22,18 @@ from mechsafe.data import instructions
 from mechsafe.stats import proportion
 
 
+def eval_subsets(harmful: Sequence[str], harmless: Sequence[str], limit: int | None, seed: int
+                 ) -> tuple[list[str], list[str]]:
+    """At most ``limit`` (``None``: all) of the held-out harmful and of the harmless prompts, drawn by ``seed``, in
+    their order: the prompts of the fast measure."""
+    rng = np.random.default_rng(seed)
+
+    def pick(xs: Sequence[str]) -> list[str]:
+        return [xs[i] for i in sorted(rng.permutation(len(xs))[:limit or len(xs)])]
+
+    return pick(harmful), pick(harmless)
+
+
 class FastEval:
     """Refusal and utility of a model, calibrated on the unattacked ``model``."""
 

@@ -23,11 +23,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer
 
-from mechsafe.attacks.data import benign_pairs, check_disjoint, compliant_pairs, harmful_requests
-from mechsafe.attacks.evaluate import FastEval
+from mechsafe.attacks.bench import restore_weights
+from mechsafe.attacks.data import benign_pairs, check_held_out, compliant_pairs, draw, harmful_requests
+from mechsafe.attacks.evaluate import FastEval, eval_subsets
 from mechsafe.drift.config import CONDITIONS, FREEZE_GROUPS, DriftConfig
 from mechsafe.drift.stats import comparisons, group_summary, verdict
 from mechsafe.drift.track import drift_metrics, initial_state, unit_terms
@@ -46,17 +48,6 @@ TESTED_METRICS = ("relative", "l2", "cosine_distance")
 """Per-unit drift measures compared between groups: ``‖Δ‖/‖w0‖`` (normalised), ``‖Δ‖`` (absolute), ``1 - cos``."""
 GROUP_ORDER = ("top-safety", "set-difference", "top-utility", "random")
 RECORD_FORMAT = "mechsafe-drift-records/1"
-
-
-def _restore(model: HookedTransformer, clean: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(clean[name])
-
-
-def _draw(pool: Sequence[tuple[str, str]], n: int, seed: int) -> list[tuple[str, str]]:
-    rng = np.random.default_rng(seed)
-    return [pool[i] for i in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
 
 
 def group_units(groups: dict[str, Group], model: HookedTransformer) -> dict[str, dict[str, np.ndarray]]:
@@ -104,14 +95,11 @@ class DriftData:
     def __init__(self, model: HookedTransformer, base: HookedTransformer, harmful_eval: Sequence[str],
                  harmless_eval: Sequence[str], config: DriftConfig, progress: bool = True):
         requests = harmful_requests()
-        check_disjoint([r["text"] for r in requests] + [p for p, _ in benign_pairs()],
-                       list(harmful_eval) + list(harmless_eval))
-        self.pools = {"harmful": compliant_pairs(base, requests, cache_dir() / "attacks" / "answers",
-                                                 config.answer_tokens, progress=progress),
+        check_held_out(requests, list(harmful_eval) + list(harmless_eval))
+        self.pools = {"harmful": compliant_pairs(base, requests, config.answer_tokens, progress=progress),
                       "benign": benign_pairs()}
-        rng = np.random.default_rng(config.seed)
-        pick = lambda xs: [xs[i] for i in sorted(rng.permutation(len(xs))[:config.eval_limit])]  # noqa: E731
-        self.fast = FastEval(model, pick(list(harmful_eval)), pick(list(harmless_eval)), list(harmful_eval))
+        fast_harmful, fast_harmless = eval_subsets(harmful_eval, harmless_eval, config.eval_limit, config.seed)
+        self.fast = FastEval(model, fast_harmful, fast_harmless, list(harmful_eval))
 
     def key(self) -> str:
         return stable_hash({"pools": self.pools, "harmful": self.fast.harmful, "harmless": self.fast.harmless})
@@ -127,8 +115,6 @@ def load_records(folder: Path) -> list[tuple[dict[str, torch.Tensor], dict[str, 
     """The records of one drift run, by step."""
     out = []
     for path in sorted(folder.glob("step_*.safetensors")):
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["meta"])
         out.append((load_file(str(path)), meta))
@@ -176,7 +162,7 @@ def drift_run(model: HookedTransformer, clean: dict[str, torch.Tensor], pairs: S
     try:
         finetune(model, list(pairs), ft, run_dir=folder / "train", progress=progress, callback=record)
     finally:
-        _restore(model, clean)
+        restore_weights(model, clean)
     write_json(folder / "done.json", {"seconds": time.perf_counter() - t0, **timing})
     return folder
 
@@ -196,7 +182,7 @@ def freeze_run(model: HookedTransformer, clean: dict[str, torch.Tensor], pairs: 
         params = dict(model.named_parameters())
         identical = all(torch.equal(params[n].detach()[m], clean[n][m]) for n, m in masks.items())
     finally:
-        _restore(model, clean)
+        restore_weights(model, clean)
     return {"curve": curve, "frozen_identical": identical, "n_frozen_weights": int(sum(int(m.sum()) for m in masks.values())),
             "seconds": time.perf_counter() - t0}
 
@@ -233,12 +219,12 @@ def run_study(model: HookedTransformer, base: HookedTransformer, harmful_eval: S
     from tqdm.auto import tqdm
 
     plan = [(c, s) for c in CONDITIONS for s in config.seeds]
-    freeze_plan = [("none", 0.0)] + [(g, f) for f in config.freeze_fractions for g in FREEZE_GROUPS]
-    freeze_plan = freeze_plan if config.freeze_fractions else []
+    freeze_plan = ([("none", 0.0)] + [(g, f) for f in config.freeze_fractions for g in FREEZE_GROUPS]
+                   if config.freeze_fractions else [])
     bar = tqdm(total=len(plan) + len(freeze_plan), disable=not progress, desc="drift study")
     t0 = time.perf_counter()
     for condition, seed in plan:
-        drift_run(model, clean, _draw(data.pools[condition], config.n_examples, seed), config, seed,
+        drift_run(model, clean, draw(data.pools[condition], config.n_examples, seed), config, seed,
                   work / "runs" / f"{condition}-seed{seed}", data.fast)
         bar.update(1)
         if on_run:
@@ -248,7 +234,7 @@ def run_study(model: HookedTransformer, base: HookedTransformer, harmful_eval: S
     freezing: list[dict[str, Any]] = []
     gen = torch.Generator().manual_seed(config.seed)
     by_fraction = {f: freeze_units(model, safety, utility, f, config.utility_p, gen) for f in config.freeze_fractions}
-    pairs = _draw(data.pools["harmful"], config.n_examples, config.seeds[0])
+    pairs = draw(data.pools["harmful"], config.n_examples, config.seeds[0])
     for group, fraction in freeze_plan:
         path = work / "freeze" / f"{group}-{fraction:g}.json"
         if path.is_file():
@@ -287,6 +273,8 @@ def analyze(work: Path, units: dict[str, dict[str, np.ndarray]], config: DriftCo
         runs = [load_records(work / "runs" / f"{condition}-seed{s}") for s in config.seeds]
         steps = sorted(set.intersection(*[{m["step"] for _, m in r} for r in runs]))
         evals[condition] = [[m for _, m in r] for r in runs]
+        if condition == CONDITIONS[0]:
+            first = runs[0][0][0]  # the initial norms: step 0 of the first run
         for unit in ("neuron", "head"):
             for group in units:
                 idx = units[group][unit]
@@ -311,7 +299,6 @@ def analyze(work: Path, units: dict[str, dict[str, np.ndarray]], config: DriftCo
     start, end = float(np.mean([r[0] for r in harmful])), float(np.mean([r[-1] for r in harmful]))
     done = [read_json(work / "runs" / f"{c}-seed{s}" / "done.json") for c in CONDITIONS for s in config.seeds]
     train_s = sum(d["seconds"] - d["track"] - d["eval"] for d in done)
-    first = load_records(work / "runs" / f"{CONDITIONS[0]}-seed{config.seeds[0]}")[0][0]
     norms = {u: {g: float(first[u][units[g][u][:, 0], units[g][u][:, 1], 0].sqrt().mean()) for g in units
                  if len(units[g][u])} for u in ("neuron", "head")}
     return {"series": series, "summaries": summaries, "tests": tests, "evals": evals, "initial_norms": norms,
