@@ -104,7 +104,7 @@ def restore_weights(model: HookedTransformer, clean: dict[str, torch.Tensor]) ->
             p.copy_(clean[name])
 
 
-def _step_flops(model: HookedTransformer, clean: dict[str, torch.Tensor], data: Sequence,
+def one_step_flops(model: HookedTransformer, clean: dict[str, torch.Tensor], data: Sequence,
                 config: FinetuneConfig) -> int:
     """FLOPs of one optimizer step of ``config`` on its first batch of ``data`` ((prompt, response) pairs or
     objectives); the model is restored after."""
@@ -264,7 +264,7 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
     def step_flops_of(attack: str) -> Callable[[FinetuneConfig, Sequence], int]:
         def step_flops(ft: FinetuneConfig, pairs: Sequence) -> int:  # once per attack and batch size
             if (attack, ft.batch_size) not in flops_cache:
-                flops_cache[(attack, ft.batch_size)] = _step_flops(model, clean, pairs, ft)
+                flops_cache[(attack, ft.batch_size)] = one_step_flops(model, clean, pairs, ft)
             return flops_cache[(attack, ft.batch_size)]
         return step_flops
 
@@ -391,4 +391,4 @@ def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -
     objectives, _ = training_objectives(config, base_model, build_dir, progress=False)
     steps = int(read_json(build_dir / "finetune" / "run.json")["steps"])
     clean = {n: p.detach().clone() for n, p in base_model.named_parameters()}
-    return float(steps * _step_flops(base_model, clean, objectives, config.finetune))
+    return float(steps * one_step_flops(base_model, clean, objectives, config.finetune))

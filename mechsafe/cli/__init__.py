@@ -25,6 +25,7 @@ SUBCOMMANDS = (
     "mechsafe.cli.prune_study",
     "mechsafe.cli.attack",
     "mechsafe.cli.drift",
+    "mechsafe.cli.warp",
 )
 """Modules defining subcommands; each has ``register(subparsers)`` that sets ``func``."""
 

@@ -25,15 +25,21 @@ from mechsafe.weights import WeightHandle
 
 @torch.no_grad()
 def input_grams(model: HookedTransformer, seqs: Sequence[TeacherForced], handles: Sequence[WeightHandle],
-                batch_size: int = 8) -> dict[str, Float[torch.Tensor, "d_in d_in"]]:
-    """``XᵀX`` (float64) of each handle's input hook over the response tokens' positions (as the reference code
-    records them: where the token itself belongs to the response), before any norm weight."""
+                batch_size: int = 8, positions: str = "response") -> dict[str, Float[torch.Tensor, "d_in d_in"]]:
+    """``XᵀX`` (float64) of each handle's input hook, before any norm weight (:func:`weight_gram` applies it), over
+    the response tokens' positions (``positions="response"``, as the ActSVD reference code records them: where the
+    token itself belongs to the response) or over every token of each sequence, padding excluded (``"all"``)."""
+    if positions not in ("response", "all"):
+        raise ValueError(f"positions={positions!r}; use response or all")
     hooks = sorted({h.input_hook for h in handles})
     grams: dict[str, torch.Tensor] = {}
     pad = pad_id(model.tokenizer)
     current: dict[str, torch.Tensor] = {}
 
     def record(x: torch.Tensor, hook) -> None:
+        if hook.name in current["seen"]:  # TransformerLens normalizes a block's input once each for Q, K and V
+            return
+        current["seen"].add(hook.name)
         sel = current["mask"].to(x.device)
         rows = x.reshape(*x.shape[:2], -1)[sel].double()
         g = grams.get(hook.name)
@@ -42,23 +48,35 @@ def input_grams(model: HookedTransformer, seqs: Sequence[TeacherForced], handles
     with eval_mode(model):
         for batch in batches(seqs, batch_size):
             tokens, mask = collate(batch, pad)
-            current["mask"] = torch.cat([torch.zeros(mask.shape[0], 1), mask], dim=1).bool()
+            current["seen"] = set()
+            if positions == "all":
+                lengths = torch.tensor([len(s) for s in batch])
+                current["mask"] = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+            else:
+                current["mask"] = torch.cat([torch.zeros(mask.shape[0], 1), mask], dim=1).bool()
             model.run_with_hooks(tokens.to(model.cfg.device), return_type=None,
                                  fwd_hooks=[(name, record) for name in hooks])
     return grams
+
+
+def weight_gram(model: HookedTransformer, handle: WeightHandle, grams: dict[str, torch.Tensor]
+                ) -> Float[torch.Tensor, "d_in d_in"]:
+    """The Gram ``XᵀX`` of the weight's own input from its hook's Gram (scaled by the norm weight the hook's value
+    is multiplied by before it reaches the weight, when there is one)."""
+    g = grams[handle.input_hook]
+    if handle.input_norm_weight is None:
+        return g
+    w = model.get_parameter(handle.input_norm_weight).detach().double().cpu()
+    return g * w[:, None] * w[None, :]
 
 
 def output_directions(model: HookedTransformer, grams: dict[str, torch.Tensor], handles: Sequence[WeightHandle],
                       rank: int) -> dict[str, Float[torch.Tensor, "d_out rank"]]:
     """The top-``rank`` right singular vectors of each weight's output ``X Wᵀ`` (columns, by decreasing singular
     value), from the input Grams of :func:`input_grams`."""
-    params = dict(model.named_parameters())
     out = {}
     for h in handles:
-        g = grams[h.input_hook]
-        if h.input_norm_weight is not None:
-            w = params[h.input_norm_weight].detach().double().cpu()
-            g = g * w[:, None] * w[None, :]
+        g = weight_gram(model, h, grams)
         m = h.as_matrix(h.parameter.detach()).double().cpu()  # [d_in, d_out]
         vals, vecs = torch.linalg.eigh(m.T @ g @ m)
         out[h.name] = vecs[:, torch.argsort(vals, descending=True)[:rank]].float()
