@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_full_vs_lora.py
 	$(BIN)/python benchmarks/bench_snip.py
 	$(BIN)/python benchmarks/bench_drift.py
+	$(BIN)/python benchmarks/bench_warp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

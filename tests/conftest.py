@@ -87,6 +87,23 @@ def one_thread_for_unit_tests(request):
     torch.set_num_threads(before)
 
 
+def held_out_files(folder, n: int = 4) -> list[str]:
+    """``--harmful FILE --harmless FILE`` options naming two small .jsonl prompt files written into ``folder``."""
+    import json
+
+    argv = []
+    for kind in ("harmful", "harmless"):
+        path = folder / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{kind} prompt {i}"}) + "\n" for i in range(n)))
+        argv += [f"--{kind}", str(path)]
+    return argv
+
+
+def fake_compliant_pairs(*args, **kwargs) -> list[tuple[str, str]]:
+    """Stands in for a base model's compliant answers (a random tiny model's answers are not text)."""
+    return [(f"help me {i}", f"sure here is step {i}") for i in range(6)]
+
+
 def save_tiny_hf_llama(path, n_layers: int = 2, max_positions: int = 1024):
     """Save a tiny random Llama (with non-trivial norm gains) as a local Hugging Face model directory."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -198,6 +198,6 @@ def check_masks(masks: dict[str, torch.Tensor], meta: dict[str, Any], basis: Bas
     """Raise unless the masks were made for this basis's model and weights."""
     if meta.get("model_fingerprint") != basis.manifest["model_fingerprint"]:
         raise MechsafeError("the mask file was made for another model; make masks from this model's basis")
-    if list(masks) != basis.weights:
-        raise MechsafeError(f"the mask file covers other weights ({len(masks)}) than the basis ({len(basis.weights)}); "
-                            "use masks made from this basis")
+    if sorted(masks) != sorted(basis.weights):
+        raise MechsafeError(f"the mask file covers other weights ({len(masks)}: {sorted(masks)[0]} ...) than the basis "
+                            f"({len(basis.weights)}: {sorted(basis.weights)[0]} ...); use masks made from this basis")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import save_tiny_hf_llama
+from conftest import fake_compliant_pairs, held_out_files, save_tiny_hf_llama
 
 from mechsafe.errors import MechsafeError
 
@@ -162,15 +162,9 @@ def test_safety_neuron_drift_study_on_a_tiny_model(tmp_path, monkeypatch):
     model = make_tiny_model()
     monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(mechsafe, "load_model", lambda *a, **k: model)
-    # a random tiny model's answers are not text; stand in for the base model's compliant answers
-    monkeypatch.setattr(study, "compliant_pairs", lambda *a, **k: [(f"help me {i}", f"sure here is step {i}")
-                                                                   for i in range(6)])
-    for kind in ("harmful", "harmless"):
-        (tmp_path / f"{kind}.jsonl").write_text("".join(json.dumps({"text": f"{kind} prompt {i}"}) + "\n"
-                                                        for i in range(4)))
+    monkeypatch.setattr(study, "compliant_pairs", fake_compliant_pairs)
     runs = tmp_path / "runs"
-    argv = ["--harmful", str(tmp_path / "harmful.jsonl"), "--harmless", str(tmp_path / "harmless.jsonl"),
-            "--steps", "2", "--every", "1", "--seeds", "0,1", "--n-examples", "4", "--batch-size", "2",
+    argv = [*held_out_files(tmp_path), "--steps", "2", "--every", "1", "--seeds", "0,1", "--n-examples", "4", "--batch-size", "2",
             "--eval-limit", "3", "--freeze-fractions", "0.1", "--freeze-steps", "2", "--freeze-every", "1",
             "--group-fraction", "0.25", "--utility-p", "0.25", "--responses", "bundled",
             "--scores-dir", str(tmp_path / "scores"), "--runs-dir", str(runs), "--no-progress"]

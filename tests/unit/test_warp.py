@@ -336,22 +336,16 @@ def test_warp_comparison_on_a_tiny_model(tmp_path, monkeypatch):
     import runpy
     from pathlib import Path
 
-    from conftest import make_tiny_model
+    from conftest import fake_compliant_pairs, held_out_files, make_tiny_model
 
     import mechsafe.warp.compare as compare
 
     models = iter([make_tiny_model(), make_tiny_model(seed=1)])
     monkeypatch.setenv("MECHSAFE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ms, "load_model", lambda *a, **k: next(models))
-    # a random tiny model's answers are not text; stand in for the base model's compliant answers
-    monkeypatch.setattr(compare, "compliant_pairs", lambda *a, **k: [(f"help me {i}", f"sure, step {i}")
-                                                                     for i in range(6)])
-    for kind in ("harmful", "harmless"):
-        (tmp_path / f"{kind}.jsonl").write_text("".join(json.dumps({"text": f"{kind} prompt {i}"}) + "\n"
-                                                        for i in range(4)))
+    monkeypatch.setattr(compare, "compliant_pairs", fake_compliant_pairs)
     runs = tmp_path / "runs"
-    argv = ["--harmful", str(tmp_path / "harmful.jsonl"), "--harmless", str(tmp_path / "harmless.jsonl"),
-            "--steps", "2", "--batch-size", "2", "--n-train", "8", "--n-test", "3", "--eval-limit", "3",
+    argv = [*held_out_files(tmp_path), "--steps", "2", "--batch-size", "2", "--n-train", "8", "--n-test", "3", "--eval-limit", "3",
             "--max-new-tokens", "4", "--answer-tokens", "4", "--attack-steps", "2", "--attack-every", "1",
             "--attack-examples", "4", "--n-samples", "5", "--responses", "bundled", "--keep-ratios", "0.1,0.5",
             "--runs-dir", str(runs), "--no-progress"]
@@ -374,3 +368,36 @@ def test_warp_comparison_on_a_tiny_model(tmp_path, monkeypatch):
         assert (run_dir / name).is_file()
     report = (run_dir / "report.md").read_text()
     assert "| warp-0.5 |" in report and res["verdict"]["answer"] in report
+
+
+def test_cli_phases_end_in_a_checkpoint_load_model_reads(tmp_path, capsys, hf_dir):
+    from mechsafe.cli import main
+    from mechsafe.warp.importance import coefficients as coeffs
+
+    common = ["--model", str(hf_dir), "--responses", "bundled", "--n-samples", "4", "--batch-size", "2",
+              "--layer-types", "ffn_down,attn_o", "--runs-dir", str(tmp_path / "runs"), "--no-progress"]
+    assert main(["warp", "basis", *common, "--out", str(tmp_path / "basis")]) == 0
+    masks = tmp_path / "masks.safetensors"
+    assert main(["warp", "importance", *common, "--basis-dir", str(tmp_path / "basis"), "--masks", str(masks),
+                 "--keep-ratio", "0.2"]) == 0
+    out = tmp_path / "tuned"
+    assert main(["warp", "train", "--model", str(hf_dir), "--basis-dir", str(tmp_path / "basis"), "--masks",
+                 str(masks), "--out", str(out), "--steps", "2", "--batch-size", "2", "--n-train", "8", "--lr", "1e-2",
+                 "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
+    assert "checkpoint:" in capsys.readouterr().out
+    before, after = ms.load_model(str(hf_dir)), ms.load_model(str(out))
+    basis, (loaded, _) = Basis.open(tmp_path / "basis"), load_masks(masks)
+    cfg = WarpConfig(layer_types=("ffn_down", "attn_o"))
+    for h0, h1 in zip(protected_weights(before, cfg), protected_weights(after, cfg)):
+        u, m = basis.u(h0.name), loaded[h0.name]
+        c0, c1 = coeffs(h0, u), coeffs(h1, u)
+        assert (c1 - c0)[m].norm() / c0[m].norm() < 1e-6 and (c1 - c0)[~m].norm() > 0
+    # a mask file of another set of weights is refused before anything is written
+    other = tmp_path / "other-basis"
+    assert main(["warp", "basis", *common[:8], "--layer-types", "ffn_down", "--runs-dir", str(tmp_path / "runs"),
+                 "--no-progress", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["warp", "train", "--model", str(hf_dir), "--basis-dir", str(other), "--masks", str(masks),
+                 "--out", str(tmp_path / "never"), "--runs-dir", str(tmp_path / "runs2"), "--no-progress"]) == 2
+    assert "other weights" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    assert not (tmp_path / "runs2").exists()
