@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(t, processing="none")
     t.add_argument("--basis-dir", metavar="DIR", required=True, help="a basis folder from mechsafe warp basis")
     t.add_argument("--masks", metavar="FILE", required=True, help="a mask file from mechsafe warp importance")
-    t.add_argument("--out", metavar="DIR", required=True, help="checkpoint folder to write")
+    t.add_argument("--out", metavar="DIR", required=True, help="checkpoint folder to write (a killed run resumes from "
+                                                               "the trainer checkpoints in DIR.work)")
     for field in ("task", "n_train", "steps", "batch_size", "lr", "seed"):
         flag = "--" + field.replace("_", "-")
         t.add_argument(flag, default=getattr(CompareConfig, field), type=type(getattr(CompareConfig, field)),
@@ -124,6 +125,9 @@ def run_importance(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
     from mechsafe.finetune import FinetuneConfig
     from mechsafe.models import save_model
     from mechsafe.runs import start_run
@@ -136,16 +140,19 @@ def run_train(args: argparse.Namespace) -> int:
     masks, meta = load_masks(args.masks)
     check_masks(masks, meta, basis)
     train, test, where = utility_problems(args.task, args.n_train, 100, args.seed)
-    config = FinetuneConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    config = FinetuneConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, seed=args.seed, checkpoint_every=5)
+    work = Path(args.out).with_name(Path(args.out).name + ".work")  # trainer checkpoints: a killed run resumes
     with start_run(args.runs_dir, "warp-train", config={"finetune": config.to_dict(), "task": where,
                                                         "basis": str(basis.path), "masks": args.masks},
                    seed=args.seed, processing="none") as run:
         before = task_utility(model, test)
-        result = protected_finetune(model, training_pairs(train), basis, masks, config, run_dir=run.path / "finetune",
+        result = protected_finetune(model, training_pairs(train), basis, masks, config, run_dir=work,
                                     progress=not args.no_progress)
         after = task_utility(model, test)
         out = save_model(model, args.out, warp_basis=str(basis.path), warp_masks=str(args.masks), task=where)
-        run.write_json("results.json", {"before": before, "after": after, "losses": result.losses, "checkpoint": str(out)})
+        run.write_json("results.json", {"before": before, "after": after, "losses": result.losses, "checkpoint": str(out),
+                                        "resumed_from": result.resumed_from})
+    shutil.rmtree(work, ignore_errors=True)
     print(f"accuracy on 100 held-out problems: {before['accuracy']['value']:.3f} -> {after['accuracy']['value']:.3f}")
     print(f"checkpoint: {out}")
     print(f"run directory: {run.path}")
