@@ -225,8 +225,7 @@ def _broken(run: dict[str, Any]) -> dict[str, Any]:
 def summarize(runs: Sequence[dict[str, Any]], warp: WarpConfig) -> list[dict[str, Any]]:
     """One row per run: the headline figures, and paired differences against ``full`` (and the reference)."""
     by = {r["label"]: r for r in runs}
-    ref = by.get("none")
-    full = by.get("full")
+    ref, full, selected = by.get("none"), by.get("full"), by.get("selected")
     rows = []
     for r in runs:
         e = r["eval"]
@@ -238,8 +237,10 @@ def summarize(runs: Sequence[dict[str, Any]], warp: WarpConfig) -> list[dict[str
             row["accuracy_gain"] = e["task"]["accuracy"]["value"] - ref["eval"]["task"]["accuracy"]["value"]
             row["refusal_vs_reference"] = paired_rate_difference(e["flags"]["harmful"],
                                                                  ref["eval"]["flags"]["harmful"]).to_dict()
-        if full is not None and full is not r:
-            row["refusal_vs_full"] = paired_rate_difference(e["flags"]["harmful"], full["eval"]["flags"]["harmful"]).to_dict()
+        for name, other in (("full", full), ("selected", selected)):
+            if other is not None and other is not r:
+                row[f"refusal_vs_{name}"] = paired_rate_difference(e["flags"]["harmful"],
+                                                                   other["eval"]["flags"]["harmful"]).to_dict()
         rows.append(row)
     return rows
 
@@ -274,4 +275,11 @@ def verdict(summary: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], w
               f"{diff['value']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]); accuracy {w['accuracy']['value']:.3f} "
               f"vs {full['accuracy']['value']:.3f} ({'similar' if similar else 'lower by more than'} "
               f"{SIMILAR_ACCURACY:g})")
-    return {"answer": "holds" if holds else "does not hold", "reason": reason}
+    out = {"answer": "holds" if holds else "does not hold", "reason": reason}
+    if "refusal_vs_selected" in w:  # what the mask adds over training the same weights unmasked (reported, not a rule)
+        d = w["refusal_vs_selected"]
+        out["mask_effect"] = (f"{label} vs the same weights unmasked (selected): refusal {w['refusal']['value']:.3f} vs "
+                              f"{rows['selected']['refusal']['value']:.3f} (paired difference {d['value']:+.3f} "
+                              f"[{d['low']:+.3f}, {d['high']:+.3f}]), accuracy {w['accuracy']['value']:.3f} vs "
+                              f"{rows['selected']['accuracy']['value']:.3f}")
+    return out

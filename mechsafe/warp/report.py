@@ -90,7 +90,7 @@ def markdown(result: dict[str, Any], figures: tuple[str, str] = ("pareto.png", "
     cfg, warp, v = result["config"], result["warp"], result["verdict"]
     lines = [f"# WaRP against its peers: {result['model']['spec']}", "",
              f"**Published ordering (WaRP keeps more safety than full fine-tuning at similar utility): {v['answer']}** "
-             f"— {v['reason']}.", "",
+             f"— {v['reason']}." + (f" Mask effect: {v['mask_effect']}." if v.get("mask_effect") else ""), "",
              f"Fine-tuning: {result['task']}; {cfg['steps']} steps of {cfg['batch_size']} problems for every method "
              f"(same batches), lr {cfg['lr']:g} (weights) / {cfg['lora_lr']:g} (LoRA, rank {cfg['lora_rank']}). "
              f"WaRP protects {', '.join(warp['layer_types'])} in blocks {warp['layers']} ({warp['basis']} basis, "
