@@ -30,6 +30,7 @@ HOOK_KINDS: dict[str, str] = {
     "attn_k": "blocks.{layer}.attn.hook_k",
     "attn_v": "blocks.{layer}.attn.hook_v",
     "attn_z": "blocks.{layer}.attn.hook_z",
+    "attn_pattern": "blocks.{layer}.attn.hook_pattern",
 }
 """Hook kinds and the TransformerLens hook-name template of each (``{layer}`` is filled in)."""
 
