@@ -26,6 +26,7 @@ SUBCOMMANDS = (
     "mechsafe.cli.attack",
     "mechsafe.cli.drift",
     "mechsafe.cli.warp",
+    "mechsafe.cli.mfs",
 )
 """Modules defining subcommands; each has ``register(subparsers)`` that sets ``func``."""
 

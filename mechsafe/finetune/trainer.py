@@ -288,8 +288,8 @@ def _load_checkpoint(ckpt: Path, fingerprint: str, params: dict[str, torch.nn.Pa
 def _apply_transforms(transforms: list[GradTransform], params: dict[str, torch.nn.Parameter]) -> None:
     for name, p in params.items():
         for t in transforms:
-            if name in t.names and p.grad is not None:
-                p.grad = t.grad(name, p.grad)
+            if name in t.names and p.grad is not None:  # in place: the buffer keeps the layout the optimizer expects
+                p.grad.copy_(t.grad(name, p.grad))
 
 
 def finetune(model: HookedTransformer, objectives: Objective | Sequence[Objective],

@@ -25,6 +25,7 @@ sub-banks; each belongs to ``r`` of ``G`` groups (:func:`mechsafe.mfs.aggregate.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -234,3 +235,50 @@ def run_with_bank(model: HookedTransformer, bank: SafetyBank, tokens: Int[torch.
         model(tokens, stop_at_layer=last + 1, return_type=None) if last + 1 < model.cfg.n_layers else \
             model(tokens, return_type=None)
     return fn(acts)
+
+
+FORMAT = "mechsafe-mfs-bank/1"
+
+
+def save_bank(bank: SafetyBank, path: str | Path, model: HookedTransformer, config: dict, **extra) -> Path:
+    """Write ``bank`` to folder ``path`` (``bank.safetensors`` and ``bank.json``: its config, sub-banks and the
+    fingerprint of the model it reads), atomically."""
+    from safetensors.torch import save_file
+
+    from mechsafe.models import model_info
+    from mechsafe.runs import atomic_dir, write_json
+    from mechsafe.weights import fingerprint
+
+    with atomic_dir(path) as tmp:
+        save_file({k: v.contiguous() for k, v in bank.state_dict().items()}, str(tmp / "bank.safetensors"))
+        write_json(tmp / "bank.json", {"format": FORMAT, "config": config,
+                                       "specs": [dataclasses.asdict(s.spec) for s in bank.subs],
+                                       "model": model_info(model).spec, "model_fingerprint": fingerprint(model),
+                                       **extra})
+    return Path(path)
+
+
+def load_bank(path: str | Path, model: HookedTransformer) -> tuple[SafetyBank, dict]:
+    """A bank saved by :func:`save_bank`, for ``model`` (raises when it was made for another model)."""
+    from safetensors.torch import load_file
+
+    from mechsafe.runs import read_json
+    from mechsafe.weights import fingerprint
+
+    path = Path(path)
+    if not (path / "bank.json").is_file():
+        raise MechsafeError(f"{path} holds no safety bank (no bank.json); train one with mechsafe mfs train")
+    meta = read_json(path / "bank.json")
+    if meta.get("format") != FORMAT:
+        raise MechsafeError(f"{path / 'bank.json'} is not a mechsafe safety bank; point to a bank folder")
+    if meta["model_fingerprint"] != fingerprint(model):
+        raise MechsafeError(f"the bank in {path} was trained on another model ({meta.get('model')}); load that model "
+                            "or train a bank for this one")
+    c = meta["config"]
+    bank = SafetyBank(model, [SubBankSpec(**s) for s in meta["specs"]], c["d_key"], c["k"], c["n_groups"], c["r"],
+                      c["rule"], c["window"], c["seed"])
+    try:
+        bank.load_state_dict(load_file(str(path / "bank.safetensors")))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise MechsafeError(f"{path / 'bank.safetensors'} is unreadable ({exc}); train the bank again") from None
+    return bank, meta

@@ -762,3 +762,29 @@ def test_a_finished_run_loads_back(tmp_path):
     assert back.to_dict() | {"seconds": 0} == result.to_dict() | {"seconds": 0, "run_dir": str(tmp_path)}
     with pytest.raises(MechsafeError, match="does not exist"):
         FinetuneResult.load(tmp_path / "nowhere")
+
+
+def test_gradient_transforms_keep_training_weights_stored_in_the_linear_layout():
+    """Weights loaded by mechsafe keep a transposed storage (models.linear_layout); a transform's gradient must land in
+    each gradient buffer as it is laid out, or the fused optimizer stops updating the parameter."""
+    from conftest import make_tiny_model
+
+    from mechsafe.finetune import Freeze
+    from mechsafe.models import linear_layout
+    from mechsafe.weights import select
+
+    runs = {}
+    for frozen in (False, True):
+        model = linear_layout(make_tiny_model())
+        hs = select(model, "mlp.W_out", "all")
+        assert not hs[0].parameter.is_contiguous()
+        before = {h.name: h.parameter.detach().clone() for h in hs}
+        masks = {h.name: torch.zeros(h.shape, dtype=torch.bool) for h in hs}
+        masks[hs[0].name][0, 0] = True
+        cfg = FinetuneConfig(method="selected", targets=("mlp.W_out",), lr=1e-2, steps=3, batch_size=2)
+        result = finetune(model, EXAMPLES, cfg, grad_transform=Freeze(masks) if frozen else None, progress=False)
+        runs[frozen] = (result.losses, {h.name: h.parameter.detach() - before[h.name] for h in hs})
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-3)
+    for name, moved in runs[True][1].items():
+        assert float(moved.abs().max()) > 0.5 * float(runs[False][1][name].abs().max())
+    assert float(runs[True][1][select(make_tiny_model(), "mlp.W_out", 0)[0].name][0, 0]) == 0.0
