@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_snip.py
 	$(BIN)/python benchmarks/bench_drift.py
 	$(BIN)/python benchmarks/bench_warp.py
+	$(BIN)/python benchmarks/bench_mfs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
