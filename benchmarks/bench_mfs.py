@@ -4,7 +4,8 @@ For each size N (features in all, over the default four sub-banks: semantic, act
 features at layer 15), the bank scores every position of the same batches of chat-formatted bundled prompts as a
 plain forward pass of the embedded model, reading the activations of that same forward pass through hooks:
 ``mfs_overhead_<N> = (seconds with the bank − seconds of the plain forward) / seconds of the plain forward``
-(median over the batches; target at 1M features: <= 0.10) and the bank's resident memory (parameters, the group
+(median over the batches; target at 1M features: <= 0.10; the smallest bank retrieves k = sqrt of a sub-bank's size
+when that is below the default 32) and the bank's resident memory (parameters, the group
 code and the growth of the process's RSS while it is built). The seed's figure is ~4 GB per 1M features.
 
     python benchmarks/bench_mfs.py [--sizes 1024,10000,99856,1000000] [--batches 6]
@@ -13,6 +14,7 @@ code and the growth of the process's RSS while it is built). The seed's figure i
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import statistics
 import time
@@ -46,7 +48,8 @@ def main() -> None:
             model(tokens)
         for n in [int(s) for s in args.sizes.split(",")]:
             before = rss_mb()
-            bank = build_bank(model, BankConfig(n_features=n))
+            side = math.isqrt(n // len(BankConfig().types))
+            bank = build_bank(model, BankConfig(n_features=n, k=min(BankConfig().k, side)))  # k <= sqrt of a sub-bank
             with torch.no_grad():
                 for sub in bank.subs:
                     sub.votes.normal_()

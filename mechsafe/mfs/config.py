@@ -83,9 +83,9 @@ class TrainConfig:
     train_trim: float = 0.25
     """Training aggregates by the trimmed mean with this trim at each end (the median passes gradient to one
     group only); evaluation uses the bank's rule."""
-    sparsity: float = 1.0
+    sparsity: float = 0.01
     """Base weight of the sparsity term (mean firing strength)."""
-    diversity: float = 1.0
+    diversity: float = 0.1
     """Base weight of the diversity term (squared correlation between sub-banks' scores over the batch)."""
     adaptive: bool = True
     """Scale each auxiliary term by the running ratio of the safety term to it (each then weighs like the safety
