@@ -85,6 +85,17 @@ def read_json(path: str | os.PathLike) -> Any:
         raise MechsafeError(f"{path} is corrupt ({exc.msg}); delete it and re-run the step that writes it") from None
 
 
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write ``tensors`` to a safetensors file (a temporary file, then a rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it is renamed to ``final`` (replacing it)."""

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformer_lens import HookedTransformer
 
 from mechsafe import distributed
@@ -35,7 +35,7 @@ from mechsafe.chat import pad_id
 from mechsafe.errors import MechsafeError
 from mechsafe.forward import TeacherForced, collate, encode_examples, eval_mode, masked_nll
 from mechsafe.models import cache_dir, model_info
-from mechsafe.runs import read_json, stable_hash, write_json
+from mechsafe.runs import read_json, save_safetensors, stable_hash, write_json
 from mechsafe.snip.config import ScoreConfig
 from mechsafe.weights import WeightHandle, fingerprint, select
 
@@ -139,12 +139,6 @@ class ScoreStore:
         for layer, kind, tensor in self.items():
             out.setdefault(layer, {})[kind] = float(tensor.double().sum())
         return out
-
-
-def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 class _AbsGradSums:
@@ -283,7 +277,7 @@ def _score_chunk(model: HookedTransformer, handles: list[WeightHandle], mine: li
                 batch_loss(model, batch[i:i + micro_batch], n_tokens).backward()
             bar.update(1)
             if time.monotonic() - last > checkpoint_s and j + 1 < len(mine):
-                _save(partial, {**acc.sums, "__batches_done__": torch.tensor(j + 1)})
+                save_safetensors(partial, {**acc.sums, "__batches_done__": torch.tensor(j + 1)})
                 last = time.monotonic()
         bar.close()
     for t in acc.sums.values():
@@ -293,7 +287,7 @@ def _score_chunk(model: HookedTransformer, handles: list[WeightHandle], mine: li
         for layer in chunk:
             scores = {h.kind: (h.parameter.detach().abs().float() * acc.sums[h.name]).to(dtype).cpu()
                       for h in handles if h.layer == layer}
-            _save(path / f"layer_{layer:03d}.safetensors", scores, {"layer": str(layer)})
+            save_safetensors(path / f"layer_{layer:03d}.safetensors", scores, {"layer": str(layer)})
     distributed.barrier()
     partial.unlink(missing_ok=True)
 

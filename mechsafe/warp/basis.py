@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformer_lens import HookedTransformer
 
 from mechsafe.errors import MechsafeError
 from mechsafe.forward import TeacherForced, encode_examples
 from mechsafe.models import cache_dir, model_info
-from mechsafe.runs import read_json, stable_hash, write_json
+from mechsafe.runs import read_json, save_safetensors, stable_hash, write_json
 from mechsafe.snip.actsvd import input_grams, weight_gram
 from mechsafe.warp.config import WarpConfig
 from mechsafe.weights import WeightHandle, fingerprint, has_kind, select
@@ -185,9 +185,7 @@ def compute_basis(model: HookedTransformer, config: WarpConfig | None = None, pa
         else:
             u = random_basis(h.in_features, config.seed, h.name)
             vals = torch.full((h.in_features,), float("nan"), dtype=torch.float64)
-        tmp = folder / f"{h.name}.safetensors.tmp"
-        save_file({"U": u.float().contiguous(), "eigenvalues": vals.contiguous()}, str(tmp))
-        tmp.replace(folder / f"{h.name}.safetensors")
+        save_safetensors(folder / f"{h.name}.safetensors", {"U": u.float(), "eigenvalues": vals})
     basis = Basis(path, manifest)
     if config.basis == "covariance":
         for h in handles:

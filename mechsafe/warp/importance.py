@@ -24,13 +24,13 @@ from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformer_lens import HookedTransformer
 
 from mechsafe.chat import pad_id
 from mechsafe.errors import MechsafeError
 from mechsafe.forward import TeacherForced, collate, eval_mode, masked_nll
-from mechsafe.runs import stable_hash, write_json
+from mechsafe.runs import save_safetensors, stable_hash, write_json
 from mechsafe.snip.scores import batch_loss, batches
 from mechsafe.warp.basis import Basis, data_fingerprint, protected_weights
 from mechsafe.warp.config import WarpConfig, check_keep_ratio
@@ -115,16 +115,12 @@ def compute_importance(model: HookedTransformer, basis: Basis, seqs: Sequence[Te
                         sums[h.name].add_(coefficients(h, us[h.name], h.parameter.grad).abs_())
                         h.parameter.grad = None
                 if (j + 1) % config.checkpoint_every == 0 and j + 1 < len(all_batches):
-                    tmp = partial.with_suffix(".tmp")
-                    save_file({**sums, "__batches_done__": torch.tensor(j + 1)}, str(tmp))
-                    tmp.replace(partial)
+                    save_safetensors(partial, {**sums, "__batches_done__": torch.tensor(j + 1)})
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
             p.grad = None
-    tmp = final.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in sums.items()}, str(tmp))
-    tmp.replace(final)
+    save_safetensors(final, sums)
     partial.unlink(missing_ok=True)
     write_json(folder / "manifest.json", {"loss_tokens": config.loss_tokens, "batch_size": config.batch_size,
                                           "n_batches": len(all_batches), "weights": list(sums),
@@ -166,11 +162,7 @@ def save_masks(path: str | Path, masks: dict[str, torch.Tensor], meta: dict[str,
     """Write masks (and what made them) to one safetensors file, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp),
-              metadata={"meta": json.dumps(meta)})
-    tmp.replace(path)
-    return path
+    return save_safetensors(path, {k: v.to(torch.uint8) for k, v in masks.items()}, {"meta": json.dumps(meta)})
 
 
 def load_masks(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
