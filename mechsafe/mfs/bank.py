@@ -232,8 +232,7 @@ def run_with_bank(model: HookedTransformer, bank: SafetyBank, tokens: Int[torch.
 
     last = max((int(n.split(".")[1]) for n in names if n.startswith("blocks.")), default=0)
     with model.hooks(fwd_hooks=[(n, keep) for n in names]):
-        model(tokens, stop_at_layer=last + 1, return_type=None) if last + 1 < model.cfg.n_layers else \
-            model(tokens, return_type=None)
+        model(tokens, stop_at_layer=last + 1 if last + 1 < model.cfg.n_layers else None, return_type=None)
     return fn(acts)
 
 
