@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_drift.py
 	$(BIN)/python benchmarks/bench_warp.py
 	$(BIN)/python benchmarks/bench_mfs.py
+	$(BIN)/python benchmarks/bench_mfs_embedded.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

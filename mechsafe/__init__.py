@@ -7,11 +7,12 @@ The public surface::
     prompts = ms.data.load("harmful_vs_harmless")
     store = ms.cache_activations(model, prompts, hook="resid_post", layers="all")
     result = ms.probe_bench("probes/harmful_vs_harmless.yaml")
+    out = ms.report(["smollm2-135m-instruct", "smollm2-135m-aligned"], ms.reporting.ReportConfig(profile="quick"))
     with ms.interventions.ablate_direction(model, direction):
         out = ms.evaluation.generate(model, prompts.texts[:4])
 
 Heavier subpackages (``probes``, ``sae``, ``evaluation``, ``interventions``, ``directions``,
-``finetune``, ``align``, ``snip``, ``weights``, ``forward``, ``distributed``) are imported on first attribute access.
+``finetune``, ``align``, ``snip``, ``reporting``, ``weights``, ``forward``, ``distributed``) are imported on first attribute access.
 """
 
 import importlib
@@ -24,8 +25,8 @@ from mechsafe.models import DEFAULT_MODEL, load_model, save_model
 __version__ = "0.1.0"
 
 _LAZY_MODULES = ("activations", "align", "attacks", "chat", "directions", "distributed", "evaluation", "finetune", "forward",
-                 "interventions", "models", "probes", "runs", "sae", "snip", "stats", "weights")
-_LAZY_FUNCTIONS = {"probe_bench": "mechsafe.probes"}
+                 "interventions", "models", "probes", "reporting", "runs", "sae", "snip", "stats", "weights")
+_LAZY_FUNCTIONS = {"probe_bench": "mechsafe.probes", "report": "mechsafe.reporting"}
 
 
 def __getattr__(name: str):
@@ -46,6 +47,7 @@ __all__ = [
     "hooks",
     "load_model",
     "probe_bench",
+    "report",
     "save_model",
     *_LAZY_MODULES,
 ]

@@ -376,6 +376,25 @@ def _load_transformerlens(spec: str, processing: str, device: str, dtype: torch.
     return model
 
 
+_MLP_WIDTH_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+"""Names Hugging Face configs give the MLP width."""
+
+
+def _set_mlp_width(hf_config: dict[str, Any], d_mlp: int | None) -> bool:
+    """Write ``d_mlp`` into the config's MLP width; True when it changed. Raises when a changed width has no key."""
+    if not d_mlp:
+        return False
+    for key in _MLP_WIDTH_KEYS:
+        if key in hf_config:
+            current = hf_config[key] if hf_config[key] is not None else 4 * int(hf_config.get("n_embd") or 0)
+            if int(current) == d_mlp:
+                return False
+            hf_config[key] = int(d_mlp)
+            return True
+    raise MechsafeError(f"cannot record an MLP width of {d_mlp} in this model's config (no {'/'.join(_MLP_WIDTH_KEYS)} "
+                        "key); save models of this architecture at their original width")
+
+
 def save_model(model: HookedTransformer, path: str | os.PathLike, **provenance: Any) -> Path:
     """Save ``model`` (loaded with ``processing="none"``) as a checkpoint that :func:`load_model` reads.
 
@@ -396,6 +415,9 @@ def save_model(model: HookedTransformer, path: str | os.PathLike, **provenance: 
         (tmp / "hf").mkdir()
         for f in (src / "hf").iterdir():
             (tmp / "hf" / f.name).write_bytes(f.read_bytes())
+        hf_config = json.loads((src / "hf" / "config.json").read_text())
+        if _set_mlp_width(hf_config, model.cfg.d_mlp):  # a widened MLP (e.g. embedded MFS neurons)
+            (tmp / "hf" / "config.json").write_text(json.dumps(hf_config, indent=2))
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
                  if not k.endswith(_BUFFERS)}
         save_file(state, str(tmp / _WEIGHTS))

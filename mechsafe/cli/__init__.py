@@ -27,6 +27,7 @@ SUBCOMMANDS = (
     "mechsafe.cli.drift",
     "mechsafe.cli.warp",
     "mechsafe.cli.mfs",
+    "mechsafe.cli.report",
 )
 """Modules defining subcommands; each has ``register(subparsers)`` that sets ``func``."""
 

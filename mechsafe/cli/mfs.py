@@ -1,12 +1,14 @@
-"""``mechsafe mfs``: a massive-feature-superposition safety bank in detector mode.
+"""``mechsafe mfs``: massive feature superposition, as a detector bank or as neurons embedded in the weights.
 
 ::
 
     mechsafe mfs train --model smollm2-135m-aligned --out runs/bank --n-features 1000000
     mechsafe mfs eval --model smollm2-135m-aligned --bank runs/bank
+    mechsafe mfs embed --out runs/mfs-model --n-features 10000
+    mechsafe mfs embed-eval --model runs/mfs-model
 
 Every field of :class:`mechsafe.mfs.config.BankConfig` and :class:`mechsafe.mfs.config.TrainConfig` is a flag of
-``train``.
+``train``; every field of :class:`mechsafe.mfs.embed.EmbedConfig` one of ``embed``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, help="seed of random removal and of the intervals")
     add_runs_arg(e)
     e.set_defaults(func=run_eval)
+
+    from mechsafe.mfs.embed import EmbedConfig
+
+    m = actions.add_parser("embed", help="add safety neurons to a model's MLPs, train them (the rest frozen) and save "
+                                         "the wider model as a checkpoint")
+    m.add_argument("--out", metavar="DIR", required=True, help="checkpoint folder to write (a killed run resumes "
+                                                               "from DIR.work)")
+    m.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_config_flags(m.add_argument_group("embedding (any EmbedConfig field)"), EmbedConfig)
+    add_runs_arg(m)
+    m.set_defaults(func=run_embed)
+
+    v = actions.add_parser("embed-eval", help="refusal and over-refusal of an embedded model on held-out prompts as "
+                                              "its added neurons are removed (random and targeted), and under "
+                                              "refusal-direction ablation")
+    v.add_argument("--model", metavar="DIR", required=True, help="a checkpoint from mechsafe mfs embed")
+    v.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    v.add_argument("--harmful", default="harmful", help="harmful prompts: a bundled pool's TEST split or a local "
+                                                        "file (default: %(default)s)")
+    v.add_argument("--harmless", default="harmless", help="harmless prompts, the same way (default: %(default)s)")
+    v.add_argument("--fractions", default="0,0.25,0.5,0.75,0.9", help="shares of added neurons removed (comma list)")
+    v.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens judged per answer (default: "
+                                                                  "%(default)s)")
+    v.add_argument("--seed", type=int, default=0, help="seed of random removal")
+    add_runs_arg(v)
+    v.set_defaults(func=run_embed_eval)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -97,21 +125,27 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fractions(text: str) -> list[float]:
+    from mechsafe.errors import MechsafeError
+
+    try:
+        fractions = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise MechsafeError(f"--fractions {text!r} is not a comma list of numbers, e.g. 0,0.5,0.9") from None
+    if not fractions or any(not 0 <= f < 1 for f in fractions):
+        raise MechsafeError("--fractions must be shares in [0, 1), e.g. 0,0.5,0.9")
+    return fractions
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     import mechsafe as ms
-    from mechsafe.errors import MechsafeError
     from mechsafe.mfs.bank import load_bank
     from mechsafe.mfs.train import auroc, feature_importance, prompt_inputs, removal_curve, scores_of
     from mechsafe.runs import start_run
 
-    try:
-        fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
-    except ValueError:
-        raise MechsafeError(f"--fractions {args.fractions!r} is not a comma list of numbers, e.g. 0,0.5,0.9") from None
-    if not fractions or any(not 0 <= f < 1 for f in fractions):
-        raise MechsafeError("--fractions must be shares in [0, 1), e.g. 0,0.5,0.9")
+    fractions = _fractions(args.fractions)
     model = ms.load_model(args.model, processing="none", device=args.device)
     bank, meta = load_bank(args.bank, model)
     train, test = _split(args.data)
@@ -179,6 +213,97 @@ def _plot_removal(result: dict):
         ax.set_title(f"{mode} removal")
         ax.set_xlabel("share of features removed")
     axes[0].set_ylabel("held-out detection AUROC")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    import mechsafe as ms
+    from mechsafe.mfs.embed import EmbedConfig, embed, save_embedded
+    from mechsafe.runs import start_run
+
+    config = EmbedConfig(**config_values(EmbedConfig, args))
+    base = ms.load_model(config.base, processing="none", device=args.device)  # an unknown model fails here
+    work = Path(args.out).with_name(Path(args.out).name + ".work")
+    model, summary = embed(config, work, model=base, progress=not args.no_progress)
+    out = save_embedded(model, args.out, base_model=config.base, embed_config=config.to_dict(),
+                        training_mix=summary["training_mix"], final_loss=summary["losses"][-1],
+                        timings_s=summary["timings_s"])
+    shutil.rmtree(work, ignore_errors=True)
+    with start_run(args.runs_dir, "mfs-embed", config=config.to_dict(), seed=config.seed, processing="none") as run:
+        run.write_json("results.json", {**summary, "checkpoint": str(out)})
+    n = summary["spec"]["counts"]
+    print(f"added {sum(n)} neurons in {sum(c > 0 for c in n)} blocks (MLP width {summary['spec']['base_d_mlp']} -> "
+          f"{summary['spec']['base_d_mlp'] + max(n)}); trained in {summary['timings_s']['train']:.0f} s")
+    print(f"checkpoint: {out}")
+    print(f"run directory: {run.path}")
+    return 0
+
+
+def run_embed_eval(args: argparse.Namespace) -> int:
+    import mechsafe as ms
+    from mechsafe.data import load_texts, prompt_pool
+    from mechsafe.mfs.embed import (embedded_spec, neuron_importance, refusal_rates, refusal_write_direction,
+                                    remove_neurons, removal_curve)
+    from mechsafe.interventions import ablate_direction
+    from mechsafe.runs import start_run
+
+    fractions = _fractions(args.fractions)
+    harmful, harmful_from = load_texts(args.harmful)
+    harmless, harmless_from = load_texts(args.harmless)
+    model = ms.load_model(args.model, processing="none", device=args.device)
+    spec = embedded_spec(model)
+    result = {"model": args.model, "n_features": spec.n_features, "directions": spec.directions,
+              "data": {"harmful": harmful_from, "harmless": harmless_from}, "max_new_tokens": args.max_new_tokens}
+    train_harmful = [p["text"] for p in prompt_pool("harmful", "train")]
+    importance = neuron_importance(model, train_harmful)
+    kw = dict(max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    result["removal"] = (removal_curve(model, harmful, harmless, fractions, "random", seed=args.seed, **kw)
+                         + removal_curve(model, harmful, harmless, fractions, "targeted", importance=importance, **kw))
+    edit = remove_neurons(model, range(spec.n_features))
+    try:
+        result["all_removed"] = refusal_rates(model, harmful, harmless, args.max_new_tokens)
+    finally:
+        edit.undo()
+    layer = spec.layers[len(spec.layers) // 2]
+    with ablate_direction(model, refusal_write_direction(model, layer)):
+        result["direction_ablated"] = {"layer": layer, **refusal_rates(model, harmful, harmless, args.max_new_tokens)}
+    with start_run(args.runs_dir, "mfs-embed-eval", config=vars(args) | {"func": None}, seed=args.seed,
+                   processing="none") as run:
+        run.figure("removal.png", _plot_embedded(result))
+        run.write_json("results.json", result)
+    full = result["removal"][0]
+    print(f"refusal {full['refusal']['value']:.3f}, over-refusal {full['over_refusal']['value']:.3f} with every "
+          f"neuron; {result['all_removed']['refusal']['value']:.3f} with none (the base model)")
+    print(f"refusal with the refusal direction of block {layer} ablated: "
+          f"{result['direction_ablated']['refusal']['value']:.3f}")
+    print(f"run directory: {run.path}")
+    return 0
+
+
+def _plot_embedded(result: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, metric, title in zip(axes, ("refusal", "over_refusal"), ("harmful: refusal", "harmless: over-refusal")):
+        for mode, style in (("random", "o-"), ("targeted", "s--")):
+            points = [p for p in result["removal"] if p["mode"] == mode]
+            xs = [p["fraction"] for p in points]
+            ax.plot(xs, [p[metric]["value"] for p in points], style, label=f"{mode} removal")
+            ax.fill_between(xs, [p[metric]["low"] for p in points], [p[metric]["high"] for p in points], alpha=0.15)
+        ax.axhline(result["all_removed"][metric]["value"], color="gray", ls=":", label="all removed (base model)")
+        ax.axhline(result["direction_ablated"][metric]["value"], color="red", ls="-.", lw=1,
+                   label="refusal direction ablated")
+        ax.set_title(f"{title} ({result['directions']}, {result['n_features']} neurons)")
+        ax.set_xlabel("share of added neurons removed")
+    axes[0].set_ylabel("rate (95% Wilson interval)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -119,6 +119,8 @@ class StudyConfig:
     """Utility rank kept by ActSVD's orthogonal variant ``W <- W - (I - P_u) P_s W``."""
     responses: str = "own"
     """Responses of the scoring data (``ScoreConfig.responses``): ``own`` or ``bundled``."""
+    score_samples: int = 128
+    """Examples of each scoring data set (``ScoreConfig.n_samples``)."""
     max_new_tokens: int = 48
     """Tokens generated per response to judge refusal."""
     utility_max_new_tokens: int = 64
@@ -144,5 +146,7 @@ class StudyConfig:
             raise MechsafeError("ranks and utility_rank must be positive integers")
         if self.limit is not None and self.limit < 1:
             raise MechsafeError(f"limit={self.limit} must be a positive integer or None")
+        if self.score_samples < 1:
+            raise MechsafeError(f"score_samples={self.score_samples} must be a positive integer")
         if self.responses not in RESPONSE_SOURCES:
             raise MechsafeError(f"unknown response source {self.responses!r}; use {' or '.join(RESPONSE_SOURCES)}")

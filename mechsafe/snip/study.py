@@ -81,8 +81,10 @@ def run_study(model: HookedTransformer, harmful: Sequence[str], harmless: Sequen
     root = Path(root or default_root())
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    safety = score(model, ScoreConfig(data="safety-short", responses=config.responses), root, progress)
-    utility = score(model, ScoreConfig(data="utility", responses=config.responses), root, progress)
+    safety = score(model, ScoreConfig(data="safety-short", responses=config.responses, n_samples=config.score_samples),
+                   root, progress)
+    utility = score(model, ScoreConfig(data="utility", responses=config.responses, n_samples=config.score_samples),
+                    root, progress)
     timings["scores"] = time.perf_counter() - t0
     original = fingerprint(model)
     key = stable_hash({"model": original, "config": dataclasses.asdict(config), "safety": safety.path.name,
