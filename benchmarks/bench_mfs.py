@@ -32,6 +32,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def prompt_batches(model, n_batches: int, batch_size: int) -> list[torch.Tensor]:
+    """``n_batches`` right-padded batches of chat-formatted bundled TRAIN prompts (harmful, then harmless)."""
+    texts = [p["text"] for p in prompt_pool("harmful", "train")] + [p["text"] for p in prompt_pool("harmless", "train")]
+    enc = encode_prompts(model.tokenizer, texts[: n_batches * batch_size])
+    return [pad_right([e.ids for e in enc[i:i + batch_size]], pad_id(model.tokenizer))[0]
+            for i in range(0, len(enc), batch_size)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1024,10000,99856,1000000")
@@ -39,10 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     model = ms.load_model("smollm2-135m-instruct", processing="none")
-    texts = [p["text"] for p in prompt_pool("harmful", "train")] + [p["text"] for p in prompt_pool("harmless", "train")]
-    enc = encode_prompts(model.tokenizer, texts[: args.batches * args.batch_size])
-    batches = [pad_right([e.ids for e in enc[i:i + args.batch_size]], pad_id(model.tokenizer))[0]
-               for i in range(0, len(enc), args.batch_size)]
+    batches = prompt_batches(model, args.batches, args.batch_size)
     with torch.inference_mode():
         for tokens in batches[:2]:  # warm-up
             model(tokens)

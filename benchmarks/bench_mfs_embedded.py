@@ -20,8 +20,6 @@ import time
 import torch
 
 import mechsafe as ms
-from mechsafe.chat import encode_prompts, pad_id, pad_right
-from mechsafe.data import prompt_pool
 from mechsafe.mfs.embed import split_counts, widen
 
 
@@ -45,7 +43,7 @@ def median_forward(model, batches) -> float:
 
 
 def main() -> None:
-    from bench_mfs import rss_mb
+    from bench_mfs import prompt_batches, rss_mb
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000,1000000")
@@ -53,10 +51,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     model = ms.load_model("smollm2-135m-instruct", processing="none")
-    texts = [p["text"] for p in prompt_pool("harmful", "train")] + [p["text"] for p in prompt_pool("harmless", "train")]
-    enc = encode_prompts(model.tokenizer, texts[: args.batches * args.batch_size])
-    batches = [pad_right([e.ids for e in enc[i:i + args.batch_size]], pad_id(model.tokenizer))[0]
-               for i in range(0, len(enc), args.batch_size)]
+    batches = prompt_batches(model, args.batches, args.batch_size)
     d_model, gated = model.cfg.d_model, model.cfg.gated_mlp
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.inference_mode():

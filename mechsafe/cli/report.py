@@ -44,4 +44,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"{m['name']}: {len(m['sections'])} sections in {took:.0f} s" + (f" ({', '.join(cached)} cached)"
                                                                                 if cached else ""))
     print(f"report: {out['run_dir']}/report.html")
+    print(f"run directory: {out['run_dir']}")
     return 0

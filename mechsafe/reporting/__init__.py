@@ -42,11 +42,12 @@ FIGURES = {"harm": ("harm.png", render.plot_harm, "test AUROC of dense probes by
 def _prompts(cfg: ReportConfig) -> sections.Prompts:
     from mechsafe.data import load_texts
 
-    harmful, h_from = load_texts(cfg.harmful)
-    harmless, l_from = load_texts(cfg.harmless)
-    if cfg.limit:
-        harmful, harmless = harmful[:cfg.limit], harmless[:cfg.limit]
-    return sections.Prompts(harmful, harmless, {"harmful": h_from, "harmless": l_from})
+    sets, where = {}, {}
+    for kind in ("harmful", "harmless"):
+        texts, source = load_texts(getattr(cfg, kind))
+        sets[kind] = texts[:cfg.limit] if cfg.limit else texts
+        where[kind] = source if len(sets[kind]) == len(texts) else f"the first {len(sets[kind])} of {source}"
+    return sections.Prompts(sets["harmful"], sets["harmless"], where)
 
 
 def _settings(name: str, cfg: ReportConfig, prompts: sections.Prompts, reference_fp: str | None) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def report(models: str | Sequence[str], config: ReportConfig | None = None, runs
     return ``results.json``'s content plus ``run_dir``."""
     from tqdm.auto import tqdm
 
-    from mechsafe.models import load_model, model_info
+    from mechsafe.models import load_model
     from mechsafe.runs import start_run
     from mechsafe.weights import fingerprint
 
@@ -101,8 +102,6 @@ def report(models: str | Sequence[str], config: ReportConfig | None = None, runs
             entry["sections"][name] = sections.cached_section(name, fps[spec], _settings(name, cfg, prompts, reference), compute)
             entry["seconds"][name] = round(time.perf_counter() - t0, 1)
             bar.update(1)
-        if i == 0:
-            entry["info"] = model_info(first).to_dict()
         results.append(entry)
     bar.close()
     out = {"config": cfg.to_dict(), "ci_level": 0.95, "data": {**prompts.where, "n_harmful": len(prompts.harmful),
@@ -188,7 +187,7 @@ def _section_blocks(name: str, models: list[dict[str, Any]]) -> list[render.Bloc
             rows.append([m["name"], sec["best"]["method"], sec["best"]["layer"], render.est(sec["best"]["auroc"]),
                          render.est(sec["tfidf"]), render.est(comp.get("difference")), comp.get("verdict", "—")])
         elif name == "refusal":
-            rows.append([m["name"], sec["layer"], sec["position"], render.est(sec["refusal"]),
+            rows.append([m["name"], sec["layer"], sec["position"], render.fmt(sec["filtered"]), render.est(sec["refusal"]),
                          render.est(sec["refusal_ablated"]), render.est(sec["ablation_effect"]),
                          render.est(sec["over_refusal"]), render.est(sec["refusal_induced"]),
                          render.est(sec["induction_effect"])])
@@ -204,7 +203,7 @@ def _section_blocks(name: str, models: list[dict[str, Any]]) -> list[render.Bloc
                                                                          "utility_accuracy", "answer_nll",
                                                                          "kl_harmless")])
     header = {"harm": ["model", "best probe", "layer", "test AUROC", "TF-IDF AUROC", "difference (paired)", "verdict"],
-              "refusal": ["model", "layer", "position", "refusal", "refusal, ablated", "change (paired)",
+              "refusal": ["model", "layer", "position", "prompts filtered", "refusal", "refusal, ablated", "change (paired)",
                           "over-refusal", "harmless refused, direction added", "change (paired)"],
               "weights": ["model", "method", "p = q", "sparsity", "refusal share", "reference-answer NLL"],
               "attacks": ["model", "attack", "broken", "broken trials", "FLOPs to break", "step", "seconds",

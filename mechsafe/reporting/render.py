@@ -156,13 +156,19 @@ def plot_attacks(models: list[dict[str, Any]]):
     names = sorted({a for m in models for a in ((m["sections"].get("attacks") or {}).get("attacks") or {})})
     fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.8 / max(1, len(models))
+    positive = False
     for i, m in enumerate(models):
         table = (m["sections"].get("attacks") or {}).get("attacks") or {}
-        xs = [j + i * width for j, a in enumerate(names) if table.get(a, {}).get("flops")]
-        ys = [table[a]["flops"] for a in names if table.get(a, {}).get("flops")]
-        ax.bar(xs, ys, width, label=m["name"])
+        broken = [(j + i * width, table[a]["flops"]) for j, a in enumerate(names)
+                  if table.get(a, {}).get("flops") is not None]
+        ax.bar([x for x, f in broken if f > 0], [f for _, f in broken if f > 0], width, color=f"C{i}", label=m["name"])
+        for x, f in broken:
+            if f == 0:  # broken without computing anything (e.g. a prefilled answer)
+                ax.text(x, 0.02, "free", transform=ax.get_xaxis_transform(), ha="center", fontsize=7, color=f"C{i}")
+        positive |= any(f > 0 for _, f in broken)
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(names))], names, fontsize=8)
-    ax.set_yscale("log")
+    if positive:
+        ax.set_yscale("log")
     ax.set_ylabel("FLOPs to break (missing: not broken)")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -90,16 +90,27 @@ def _flags(model: HookedTransformer, texts: Sequence[str], max_new_tokens: int) 
 
 def refusal(model: HookedTransformer, prompts: Prompts, cfg: ReportConfig) -> dict[str, Any]:
     """What carries refusal: the selected refusal direction and its ablation (harmful prompts) and induction
-    (harmless prompts) effects, each rate with its Wilson interval and the paired change."""
+    (harmless prompts) effects, each rate with its Wilson interval and the paired change. When the model refuses
+    none of the training prompts by its refusal score, the means are taken over all prompts (``filtered`` False)."""
     import mechsafe as ms
     from mechsafe import interventions as iv
     from mechsafe.directions import select_refusal_direction
 
+    overrides = dict(cfg.selection or {})
+    data = ms.data.load("harmful"), ms.data.load("harmless")
     try:
-        rd = select_refusal_direction(model, ms.data.load("harmful"), ms.data.load("harmless"), progress=False,
-                                      **(cfg.selection or {}))
+        rd = select_refusal_direction(model, *data, progress=False, **overrides)
+        filtered = overrides.get("filter_train", True)
     except MechsafeError as exc:
-        return {"skipped": str(exc)}
+        # a model that refuses none of the prompts by its refusal score (e.g. a base model) gets the unfiltered means
+        if "filter" not in str(exc) or overrides.get("filter_train") is False:
+            return {"skipped": str(exc)}
+        try:
+            rd = select_refusal_direction(model, *data, progress=False, **{**overrides, "filter_train": False,
+                                                                           "filter_val": False})
+        except MechsafeError as again:
+            return {"skipped": str(again)}
+        filtered = False
     n = cfg.max_new_tokens
     refused = _flags(model, prompts.harmful, n)
     over = _flags(model, prompts.harmless, n)
@@ -107,7 +118,7 @@ def refusal(model: HookedTransformer, prompts: Prompts, cfg: ReportConfig) -> di
         ablated = _flags(model, prompts.harmful, n)
     with iv.steer(model, rd.direction, layers=[rd.layer], coeff=1.0):
         induced = _flags(model, prompts.harmless, n)
-    return {"layer": rd.layer, "position": rd.position, "norm": float(rd.direction.norm()),
+    return {"layer": rd.layer, "position": rd.position, "norm": float(rd.direction.norm()), "filtered": bool(filtered),
             "refusal": proportion(refused).to_dict(), "refusal_ablated": proportion(ablated).to_dict(),
             "ablation_effect": paired_rate_difference(ablated, refused, seed=cfg.seed).to_dict(),
             "over_refusal": proportion(over).to_dict(), "refusal_induced": proportion(induced).to_dict(),

@@ -155,3 +155,20 @@ def test_cli_quick_report_of_one_model(tiny_models, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "tiny-4: 1 sections" in printed and "report.html" in printed
     assert callable(ms.report)
+
+
+def test_a_model_that_refuses_nothing_gets_the_unfiltered_direction(tiny_models, tmp_path):
+    cfg = _config(tmp_path, sections=("refusal",), selection=dict(positions=1, layer_step=1, n_val=4,
+                                                                  kl_threshold=1e6, steering_threshold=-1e6))
+    sec = report(["tiny-5"], cfg, runs_dir=tmp_path / "runs", progress=False)["models"][0]["sections"]["refusal"]
+    assert sec["filtered"] is False and "skipped" not in sec and 0 <= sec["layer"] < 3
+    assert sec["ablation_effect"]["value"] == pytest.approx(sec["refusal_ablated"]["value"] - sec["refusal"]["value"])
+
+
+def test_attack_figure_with_only_free_or_unbroken_attacks():
+    from mechsafe.reporting.render import plot_attacks, png
+
+    table = {"prefill": {"flops": 0.0}, "direction": {"flops": None}}
+    fig = plot_attacks([{"name": "a", "sections": {"attacks": {"attacks": table}}}])
+    assert fig.axes[0].get_yscale() == "linear" and [t.get_text() for t in fig.axes[0].texts] == ["free"]
+    assert png(fig).startswith(b"\x89PNG")
