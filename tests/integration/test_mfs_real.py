@@ -8,7 +8,7 @@ import torch
 import mechsafe as ms
 from mechsafe.evaluation import generate, is_refusal
 from mechsafe.interventions import hooked
-from mechsafe.mfs import BankConfig, TrainConfig, build_bank, prompt_inputs, train_bank
+from mechsafe.mfs import BankConfig, TrainConfig, build_bank, prompt_inputs, scores_of, train_bank
 from mechsafe.mfs import embed as E
 from mechsafe.mfs.detector import OPENING, guarded_generate
 
@@ -18,17 +18,24 @@ pytestmark = pytest.mark.integration
 def test_guarded_generation_refuses_what_the_bank_flags(smollm):
     data = ms.data.load("harmful_vs_harmless")
     train, test = data.split("train"), data.split("test")
-    bank = build_bank(smollm, BankConfig(types=("semantic",), layers="15", n_features=4096, k=16))
+    bank = build_bank(smollm, BankConfig(types=("semantic",), layers="15", n_features=4096, k=16, n_groups=32))
     train_bank(bank, prompt_inputs(smollm, bank, train.texts), torch.tensor(train.labels),
                TrainConfig(steps=60), progress=False)
     labels = np.asarray(test.labels)
     prompts = [test.texts[i] for i in np.flatnonzero(labels == 1)[:3]] + \
               [test.texts[i] for i in np.flatnonzero(labels == 0)[:3]]
-    out = guarded_generate(smollm, bank, prompts, policy="refuse", max_new_tokens=8)
-    assert [o["flagged"] for o in out] == [True] * 3 + [False] * 3  # the bank separates these six
-    for o in out[:3]:
-        assert o["response"].startswith(OPENING) and is_refusal(o["response"])
-    assert [o["response"] for o in out[3:]] == generate(smollm, prompts[3:], max_new_tokens=8, progress=False)
+    scores = scores_of(bank, prompt_inputs(smollm, bank, prompts))
+    assert scores[:3].mean() > scores[3:].mean()  # the bank scores harmful prompts higher
+    threshold = float(np.median(scores))  # three flagged, three not
+    out = guarded_generate(smollm, bank, prompts, threshold=threshold, policy="refuse", max_new_tokens=8)
+    flagged = [o["flagged"] for o in out]
+    assert sum(flagged) == 3 and [o["score"] for o in out] == pytest.approx(scores.tolist(), abs=1e-5)
+    for o in out:
+        if o["flagged"]:
+            assert o["response"].startswith(OPENING) and is_refusal(o["response"])
+    plain = [p for p, f in zip(prompts, flagged) if not f]
+    assert [o["response"] for o in out if not o["flagged"]] == generate(smollm, plain, max_new_tokens=8,
+                                                                          progress=False)
 
 
 def test_embedded_checkpoint_of_the_real_model(smollm, tmp_path):
