@@ -167,10 +167,13 @@ def plot_attacks(models: list[dict[str, Any]]):
                 ax.text(x, 0.02, "free", transform=ax.get_xaxis_transform(), ha="center", fontsize=7, color=f"C{i}")
         positive |= any(f > 0 for _, f in broken)
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(names))], names, fontsize=8)
+    ax.set_xlim(-width, len(names) - 1 + width * len(models))
     if positive:
         ax.set_yscale("log")
     ax.set_ylabel("FLOPs to break (missing: not broken)")
-    ax.legend(fontsize=8)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=f"C{i}", label=m["name"]) for i, m in enumerate(models)], fontsize=8)
     fig.tight_layout()
     return fig
 
