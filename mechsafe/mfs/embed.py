@@ -213,18 +213,10 @@ def widen(model: HookedTransformer, counts: Sequence[int], generator: torch.Gene
     return out
 
 
-def _mlp_param(model: HookedTransformer, kind: str, layer: int) -> tuple[str, torch.nn.Parameter]:
-    name = f"blocks.{layer}.mlp.{kind}"
-    return name, dict(model.named_parameters())[name]
-
-
-def _added_mask(shape: torch.Size, base: int, axis: int) -> torch.Tensor:
-    """True on the original neurons (frozen), False on the added ones."""
+def _original_mask(shape: torch.Size, base: int, axis: int) -> torch.Tensor:
+    """True on the original neurons (frozen) along the neuron ``axis``, False on the added ones."""
     mask = torch.zeros(shape, dtype=torch.bool)
-    if axis == 0:
-        mask[:base] = True
-    else:
-        mask[:, :base] = True
+    mask.narrow(axis, 0, base).fill_(True)
     return mask
 
 
@@ -362,6 +354,7 @@ def embed(config: EmbedConfig | None = None, work_dir: str | Path | None = None,
     from mechsafe.finetune.config import FinetuneConfig
     from mechsafe.interventions import hooked
     from mechsafe.models import load_model
+    from mechsafe.weights import select
 
     config = config or EmbedConfig()
     recipe = recipe or AlignConfig(model=config.base)
@@ -389,14 +382,11 @@ def embed(config: EmbedConfig | None = None, work_dir: str | Path | None = None,
                         batch_size=8, warmup_steps=4, schedule="linear", max_length=recipe.finetune.max_length,
                         checkpoint_every=10, seed=config.seed)
     freeze, project = {}, {}
-    for layer in spec.layers:
-        for kind in kinds:
-            name, p = _mlp_param(wide, kind.split(".")[1], layer)
-            axis = 0 if kind == "mlp.W_out" else 1
-            if kind == "mlp.W_out" and direction is not None:
-                project[name] = _write_projection(spec.base_d_mlp, spec.counts[layer], direction)
-            else:
-                freeze[name] = _added_mask(p.shape, spec.base_d_mlp, axis)
+    for h in select(wide, kinds, layers):
+        if h.kind == "mlp.W_out" and direction is not None:
+            project[h.name] = _write_projection(spec.base_d_mlp, spec.counts[h.layer], direction)
+        else:
+            freeze[h.name] = _original_mask(h.shape, spec.base_d_mlp, h.unit_axis)
     transforms = [Freeze(freeze)] + ([Project(project)] if project else [])
     training = _Training(wide, spec, config)
     examples = objectives[0].examples
@@ -500,8 +490,7 @@ def remove_neurons(model: HookedTransformer, indices: Sequence[int]):
     from mechsafe.interventions import ablate_units
 
     neurons = embedded_spec(model).neurons()
-    return ablate_units(model, [(neurons[i][0], "neuron", neurons[i][1]) for i in indices],
-                        kinds=("mlp.W_in", "mlp.W_gate", "mlp.W_out"))
+    return ablate_units(model, [(neurons[i][0], "neuron", neurons[i][1]) for i in indices])
 
 
 def refusal_rates(model: HookedTransformer, harmful: Sequence[str], harmless: Sequence[str], max_new_tokens: int = 24,

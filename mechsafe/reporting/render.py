@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from typing import Any, Sequence
 
 Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows) | ("figure", file name, caption)
@@ -177,6 +176,3 @@ def plot_attacks(models: list[dict[str, Any]]):
     fig.tight_layout()
     return fig
 
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
