@@ -47,9 +47,15 @@ class Defense:
     restores it."""
 
     name: str
-    removals: dict[str, Callable[[HookedTransformer], Any]]
+    removals: dict[str, Callable[[HookedTransformer], Any]] = dataclasses.field(default_factory=dict)
     build_flops: float | None = None
     """FLOPs spent making the defense (for "breaking costs X% of building")."""
+    attacks: dict[str, list[tuple[dict[str, Any], Callable[[HookedTransformer], tuple[Any, float]]]]] = \
+        dataclasses.field(default_factory=dict)
+    """Adaptive attacks that know the defense, run after the sweep's: attack name -> trials ``(setting, fn)``, where
+    ``fn(model)`` edits the model and returns an undo handle and the FLOPs the attacker spent finding the edit. They
+    are measured by generation: the fast score is calibrated on the unattacked model, and an edit that removes the
+    parts shaping that score can move it anywhere."""
 
 
 class _Edits:
@@ -163,14 +169,23 @@ def run_finetune_trial(model: HookedTransformer, clean: dict[str, torch.Tensor],
             "seconds": time.perf_counter() - t0}
 
 
-def _edit_trial(model: HookedTransformer, name: str, setting: dict[str, Any], edit: Callable[[], Any], flops: float,
-                fast: FastEval, threat: ThreatModel, base: dict[str, float]) -> dict[str, Any]:
+def _edit_trial(model: HookedTransformer, name: str, setting: dict[str, Any], edit: Callable[[], Any],
+                flops: float | Callable[[], float], fast: FastEval, threat: ThreatModel, base: dict[str, float],
+                base_rate: float | None = None) -> dict[str, Any]:
+    """One zero-step trial: ``edit()`` returns an undo handle; ``flops`` is the attacker's cost (or a function giving
+    it once the edit is made). With ``base_rate`` (the unattacked model's refusal rate by generation) the edited
+    model is measured by generation whatever the fast score says, and broken by the confirmed rate."""
     t0 = time.perf_counter()
     handle = edit()
     try:
-        point = {"step": 0, "flops": flops, **fast(model)}
+        point = {"step": 0, "flops": float(flops() if callable(flops) else flops), **fast(model)}
         broken = None
-        if threat.broken(point["refusal"], point["nll"], base["refusal"], base["nll"]):
+        if base_rate is not None:
+            confirmed = fast.confirm(model)
+            point.update(fast_refusal=point["refusal"], refusal=confirmed["refusal_rate"]["value"])
+            if threat.broken(point["refusal"], confirmed["nll"], base_rate, base["nll"]):
+                broken = {**point, "confirmed": confirmed}
+        elif threat.broken(point["refusal"], point["nll"], base["refusal"], base["nll"]):
             broken = {**point, "confirmed": fast.confirm(model)}
     finally:
         handle.undo()
@@ -319,6 +334,19 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
         for part, remove in defense.removals.items():
             plan.append(("structural", {"part": part}, lambda part=part, remove=remove: _edit_trial(
                 model, "structural", {"part": part}, lambda: remove(model), 0.0, fast, threat, base)))
+    for name, settings in (defense.attacks if defense else {}).items():
+        for setting, fn in settings:
+            def adaptive_trial(name=name, setting=setting, fn=fn) -> dict[str, Any]:
+                spent: dict[str, float] = {}
+
+                def edit():
+                    handle, spent["flops"] = fn(model)
+                    return handle
+
+                return _edit_trial(model, name, setting, edit, lambda: spent["flops"], fast, threat, base,
+                                   base_rate=base_confirmed["refusal_rate"]["value"])
+
+            plan.append((name, setting, adaptive_trial))
 
     trials = []
     for attack, setting, run in tqdm(plan, desc="attack bench", disable=not progress):
@@ -356,7 +384,8 @@ def summarize(trials: Sequence[dict[str, Any]], threat: ThreatModel, base: dict[
         entry = {"trials": len(mine), "broken_trials": len(confirmed),
                  "cost_to_break": None if best is None else {
                      "flops": best["break"]["flops"], "step": best["break"]["step"],
-                     "setting": {k: best.get(k) for k in ("lr", "n_examples", "seed", "rank", "p_q", "part") if k in best},
+                     "setting": {k: best.get(k) for k in ("lr", "n_examples", "seed", "rank", "p_q", "part", "fraction", "latents")
+                                 if k in best},
                      "tokens": best["break"].get("tokens"),
                      "refusal_rate": best["break"]["confirmed"]["refusal_rate"], "nll": best["break"]["nll"],
                      "seconds": best["break"].get("seconds")},
@@ -377,10 +406,12 @@ def summarize(trials: Sequence[dict[str, Any]], threat: ThreatModel, base: dict[
 
 
 def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -> float | None:
-    """FLOPs that built a model made by ``mechsafe align`` (``None`` for other models): its recipe's training steps,
-    each counted as one step of the recipe's objectives on the build's own data (``base_model`` is restored after)."""
+    """FLOPs that built a model made by ``mechsafe align`` (``None`` for other models): its recipe's objectives'
+    reference passes once plus its training steps, each counted as one step of the recipe on the build's own data
+    (``base_model`` is restored after)."""
     from mechsafe.align import AlignConfig
     from mechsafe.align.data import training_objectives
+    from mechsafe.attacks.flops import setup_and_step_flops
     from mechsafe.models import model_info
 
     extra = model_info(model).extra
@@ -391,4 +422,9 @@ def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -
     objectives, _ = training_objectives(config, base_model, build_dir, progress=False)
     steps = int(read_json(build_dir / "finetune" / "run.json")["steps"])
     clean = {n: p.detach().clone() for n, p in base_model.named_parameters()}
-    return float(steps * one_step_flops(base_model, clean, objectives, config.finetune))
+    one = dataclasses.replace(config.finetune, steps=1, callback_every=1, checkpoint_every=0)
+    try:
+        setup, step = setup_and_step_flops(lambda cb: finetune(base_model, objectives, one, progress=False, callback=cb))
+    finally:
+        restore_weights(base_model, clean)
+    return float(setup + steps * step)

@@ -20,6 +20,18 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def setup_and_step_flops(run: Callable[[Callable[[int, object], None]], object]) -> tuple[int, int]:
+    """``run(callback)`` runs the trainer for one step with ``callback``; returns the FLOPs before the first step (the
+    objectives' reference passes, paid once per run) and the FLOPs of the step, split where the trainer calls
+    ``callback(0, model)``."""
+    marks: list[int] = []
+    with FlopCounterMode(display=False) as counter:
+        run(lambda step, model: marks.append(counter.get_total_flops()) if step == 0 else None)
+        total = counter.get_total_flops()
+    setup = marks[0] if marks else 0
+    return int(setup), int(total - setup)
+
+
 def dense_estimate(n_params: int, n_tokens: int, backward: bool = True) -> int:
     """The usual estimate: ``2·params·tokens`` for a forward pass, ``6·params·tokens`` with the backward pass."""
     return (6 if backward else 2) * n_params * n_tokens

@@ -6,6 +6,7 @@
     mechsafe mfs eval --model smollm2-135m-aligned --bank runs/bank
     mechsafe mfs embed --out runs/mfs-model --n-features 10000
     mechsafe mfs embed-eval --model runs/mfs-model
+    mechsafe mfs claims [--quick]
 
 Every field of :class:`mechsafe.mfs.config.BankConfig` and :class:`mechsafe.mfs.config.TrainConfig` is a flag of
 ``train``; every field of :class:`mechsafe.mfs.embed.EmbedConfig` one of ``embed``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from mechsafe.cli.common import add_config_flags, add_runs_arg, config_values
+from mechsafe.cli.common import add_config_flags, add_held_out_args, add_runs_arg, config_values, load_held_out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +72,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--seed", type=int, default=0, help="seed of random removal")
     add_runs_arg(v)
     v.set_defaults(func=run_embed_eval)
+    from mechsafe.mfs.claims import ClaimsConfig
+
+    c = actions.add_parser("claims", help="the four MFS claims measured: attack cost against the aligned model, "
+                                          "removal robustness, performance cost, SAE attack vs retraining; scaling "
+                                          "with the number of features")
+    c.add_argument("--quick", action="store_true", help="the quick profile: smaller models, sweeps and prompt sets")
+    c.add_argument("--mfs", metavar="DIR", help="an embedded checkpoint (mechsafe mfs embed) to use as the MFS model "
+                                                "of its size instead of building it")
+    c.add_argument("--bank", metavar="DIR", help="a detector-mode bank of the base model (mechsafe mfs train) to "
+                                                 "attack through its aggregator")
+    add_held_out_args(c)
+    c.add_argument("--budget", dest="budget_flops", type=float, default=argparse.SUPPRESS,
+                   help="attacker's budget in FLOPs: a costlier break counts as none")
+    add_config_flags(c.add_argument_group("study (any ClaimsConfig field)"), ClaimsConfig,
+                     skip=("profile", "budget_flops"))
+    c.add_argument("--work-dir", help="folder of every finished stage, for resuming (default: under "
+                                      "$MECHSAFE_CACHE/mfs-claims)")
+    add_runs_arg(c)
+    c.set_defaults(func=run_claims)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
@@ -307,3 +327,24 @@ def _plot_embedded(result: dict):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def run_claims(args: argparse.Namespace) -> int:
+    from mechsafe.mfs.claims import ClaimsConfig, run_claims as study
+    from mechsafe.mfs.claims_report import claims_markdown, plot_claims
+    from mechsafe.runs import start_run
+
+    config = ClaimsConfig(profile="quick" if args.quick else "full", **config_values(ClaimsConfig, args))
+    sets = load_held_out(args)
+    result = study(config, args.work_dir, sets["harmful"][0], sets["harmless"][0], mfs=args.mfs, bank=args.bank,
+                   progress=not args.no_progress)
+    result["data"].update({kind: where for kind, (_, where) in sets.items()})
+    with start_run(args.runs_dir, "mfs-claims", config=result["config"], seed=config.seed, processing="none") as run:
+        run.figure("claims.png", plot_claims(result))
+        run.write_json("results.json", result)
+        run.write_text("report.md", claims_markdown(result, {"claims.png": "removal curves and scaling"}))
+    for row in result["criteria"]:
+        met = "-" if row["met"] is None else ("met" if row["met"] else "not met")
+        print(f"{row['claim']:<52} {met:<8} {row['note']}")
+    print(f"run directory: {run.path}")
+    return 0

@@ -340,33 +340,29 @@ def _seed_answers(model: HookedTransformer, work: Path) -> None:
             continue
 
 
-def embed(config: EmbedConfig | None = None, work_dir: str | Path | None = None, model: HookedTransformer | None = None,
-          recipe=None, progress: bool = True) -> tuple[HookedTransformer, dict[str, Any]]:
-    """Add ``config.n_features`` neurons to the base model and train them (the rest frozen); returns the embedded
-    model and a summary (losses, timings). ``work_dir`` holds the base answers and the trainer's checkpoints, so a
-    killed run resumes there. ``recipe`` (an :class:`~mechsafe.align.AlignConfig`) sets the data mix and objective
-    weights (default: the align recipe's)."""
-    import time
+@dataclasses.dataclass
+class _Plan:
+    """Everything one embedding run trains with: the widened model, its objectives, the trainer's config, the
+    gradient transforms and the training hooks."""
 
-    from mechsafe.align.config import AlignConfig
+    wide: HookedTransformer
+    spec: EmbeddedSpec
+    objectives: list
+    finetune: Any
+    transforms: list
+    training: _Training
+    mix: dict[str, Any]
+
+
+def _plan(config: EmbedConfig, model: HookedTransformer, work: Path, recipe, progress: bool) -> _Plan:
     from mechsafe.align.data import training_objectives
-    from mechsafe.finetune import Freeze, Project, finetune
+    from mechsafe.finetune import Freeze, Project
     from mechsafe.finetune.config import FinetuneConfig
-    from mechsafe.interventions import hooked
-    from mechsafe.models import load_model
     from mechsafe.weights import select
 
-    config = config or EmbedConfig()
-    recipe = recipe or AlignConfig(model=config.base)
-    t0 = time.perf_counter()
-    if model is None:
-        model = load_model(config.base, processing="none")
     counts = split_counts(config.n_features, model.cfg.n_layers, config.layers)
-    work = Path(work_dir) if work_dir is not None else None
-    scratch = work or Path(tempfile.mkdtemp(prefix="mechsafe-embed-"))
-    _seed_answers(model, scratch)
-    objectives, mix = training_objectives(recipe, model, scratch, progress)
-    answers_s = time.perf_counter() - t0
+    _seed_answers(model, work)
+    objectives, mix = training_objectives(recipe, model, work, progress)
     direction = None
     if config.directions == "single":
         chosen = [layer for layer, n in enumerate(counts) if n]
@@ -374,7 +370,6 @@ def embed(config: EmbedConfig | None = None, work_dir: str | Path | None = None,
         direction = refusal_write_direction(model, layer, config.seed)
     wide = widen(model, counts, torch.Generator().manual_seed(config.seed), config.init_scale, config.directions,
                  direction)
-    del model
     spec = embedded_spec(wide)
     kinds = ("mlp.W_in", "mlp.W_gate", "mlp.W_out") if wide.cfg.gated_mlp else ("mlp.W_in", "mlp.W_out")
     layers = ",".join(str(layer) for layer in spec.layers)
@@ -389,19 +384,66 @@ def embed(config: EmbedConfig | None = None, work_dir: str | Path | None = None,
             freeze[h.name] = _original_mask(h.shape, spec.base_d_mlp, h.unit_axis)
     transforms = [Freeze(freeze)] + ([Project(project)] if project else [])
     training = _Training(wide, spec, config)
-    examples = objectives[0].examples
-    terms = _neuron_terms_cls()(examples, training, config)
-    torch.manual_seed(config.seed)  # the dropout draws; the trainer's checkpoints carry this generator's state
-    with hooked(wide, training.hooks()):
-        result = finetune(wide, objectives + [terms], ft, run_dir=None if work is None else work / "finetune",
-                          progress=progress, grad_transform=transforms)
+    terms = _neuron_terms_cls()(objectives[0].examples, training, config)
+    return _Plan(wide, spec, objectives + [terms], ft, transforms, training, mix)
+
+
+def _train(plan: _Plan, seed: int, run_dir: Path | None, progress: bool, callback=None):
+    from mechsafe.finetune import finetune
+    from mechsafe.interventions import hooked
+
+    torch.manual_seed(seed)  # the dropout draws; the trainer's checkpoints carry this generator's state
+    with hooked(plan.wide, plan.training.hooks()):
+        return finetune(plan.wide, plan.objectives, plan.finetune, run_dir=run_dir, progress=progress,
+                        grad_transform=plan.transforms, callback=callback)
+
+
+def embed(config: EmbedConfig | None = None, work_dir: str | Path | None = None, model: HookedTransformer | None = None,
+          recipe=None, progress: bool = True) -> tuple[HookedTransformer, dict[str, Any]]:
+    """Add ``config.n_features`` neurons to the base model and train them (the rest frozen); returns the embedded
+    model and a summary (losses, timings). ``work_dir`` holds the base answers and the trainer's checkpoints, so a
+    killed run resumes there. ``recipe`` (an :class:`~mechsafe.align.AlignConfig`) sets the data mix and objective
+    weights (default: the align recipe's)."""
+    import time
+
+    from mechsafe.align.config import AlignConfig
+    from mechsafe.models import load_model
+
+    config = config or EmbedConfig()
+    recipe = recipe or AlignConfig(model=config.base)
+    t0 = time.perf_counter()
+    if model is None:
+        model = load_model(config.base, processing="none")
+    work = Path(work_dir) if work_dir is not None else None
+    scratch = work or Path(tempfile.mkdtemp(prefix="mechsafe-embed-"))
+    plan = _plan(config, model, scratch, recipe, progress)
+    answers_s = time.perf_counter() - t0
+    result = _train(plan, config.seed, None if work is None else work / "finetune", progress)
     if work is None:
         shutil.rmtree(scratch, ignore_errors=True)
-    summary = {"config": config.to_dict(), "spec": spec.to_dict(), "training_mix": mix,
+    summary = {"config": config.to_dict(), "spec": plan.spec.to_dict(), "training_mix": plan.mix,
                "losses": result.losses, "terms": result.terms, "resumed_from": result.resumed_from,
                "timings_s": {"answers": round(answers_s, 1), "train": round(result.seconds, 1),
                              "total": round(time.perf_counter() - t0, 1)}}
-    return wide, summary
+    return plan.wide, summary
+
+
+def build_flops(config: EmbedConfig, model: HookedTransformer, recipe=None) -> dict[str, float]:
+    """FLOPs of building ``config`` on ``model``: ``setup`` (the objectives' reference passes, once), ``step`` (one
+    training step) and ``total = setup + steps · step``, counted on a one-step run the way
+    :func:`mechsafe.attacks.align_build_flops` counts the align recipe."""
+    from mechsafe.align.config import AlignConfig
+    from mechsafe.attacks.flops import setup_and_step_flops
+
+    scratch = Path(tempfile.mkdtemp(prefix="mechsafe-embed-"))
+    try:
+        plan = _plan(dataclasses.replace(config, steps=1), model, scratch, recipe or AlignConfig(model=config.base),
+                     progress=False)
+        plan.finetune = dataclasses.replace(plan.finetune, callback_every=1, checkpoint_every=0)
+        setup, step = setup_and_step_flops(lambda cb: _train(plan, config.seed, None, progress=False, callback=cb))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"setup": float(setup), "step": float(step), "total": float(setup + config.steps * step)}
 
 
 def _write_projection(base: int, n: int, direction: torch.Tensor):
@@ -454,35 +496,11 @@ def added_contribution_hooks(model: HookedTransformer, embedded: HookedTransform
 def neuron_importance(model: HookedTransformer, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """Each added neuron's mean absolute activation over the prompts' positions (padding excluded) times the norm of
     its write row: the size of what it writes, in :meth:`EmbeddedSpec.neurons` order."""
-    from mechsafe.chat import encode_prompts, pad_id, pad_right
-    from mechsafe.forward import eval_mode
-    from mechsafe.interventions import hooked
+    from mechsafe.mfs.adaptive import unit_importance
 
     spec = embedded_spec(model)
-    sums = {layer: torch.zeros(spec.counts[layer], dtype=torch.float64) for layer in spec.layers}
-    mask_box: dict[str, torch.Tensor] = {}
-    total = 0
-
-    def make(layer):
-        def fn(post, hook=None):
-            part = post[..., spec.base_d_mlp:spec.base_d_mlp + spec.counts[layer]].abs()
-            sums[layer] += (part * mask_box["m"].unsqueeze(-1)).sum((0, 1)).double().cpu()
-        return fn
-
-    seqs = encode_prompts(model.tokenizer, list(prompts))
-    with eval_mode(model), torch.no_grad(), hooked(model, [(hook_name(model, "mlp_post", layer), make(layer))
-                                                           for layer in spec.layers]):
-        for i in range(0, len(seqs), batch_size):
-            tokens, lengths = pad_right([e.ids for e in seqs[i:i + batch_size]], pad_id(model.tokenizer))
-            mask = torch.arange(tokens.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-            mask_box["m"] = mask.to(model.cfg.device, torch.float32)
-            total += int(mask.sum())
-            model(tokens.to(model.cfg.device), return_type=None)
-    out = []
-    for layer in spec.layers:
-        rows = model.blocks[layer].mlp.W_out[spec.base_d_mlp:spec.base_d_mlp + spec.counts[layer]].detach()
-        out.append((sums[layer] / max(total, 1)).float() * rows.norm(dim=1).cpu())
-    return torch.cat(out)
+    units = {layer: torch.arange(spec.base_d_mlp, spec.base_d_mlp + spec.counts[layer]) for layer in spec.layers}
+    return unit_importance(model, units, prompts, batch_size)
 
 
 def remove_neurons(model: HookedTransformer, indices: Sequence[int]):

@@ -34,6 +34,20 @@ def test_a_training_step_costs_about_six_flops_per_parameter_and_token():
     assert abs(flops / (6 * n * tokens) - 1) < 0.15, flops / (6 * n * tokens)
 
 
+def test_a_run_splits_into_reference_passes_paid_once_and_its_steps():
+    from mechsafe.attacks.flops import setup_and_step_flops
+    from mechsafe.finetune.objectives import ResponseNLL, RetainKL
+
+    model = make_tiny_model()
+    pairs = [(f"question {i}", f"an answer of some length {i}") for i in range(8)]
+    ft = FinetuneConfig(method="full", steps=1, batch_size=4, lr=1e-9, callback_every=1, checkpoint_every=0)
+    setup, step = setup_and_step_flops(lambda cb: finetune(model, pairs, ft, progress=False, callback=cb))
+    assert setup == 0 and step == count_flops(lambda: finetune(model, pairs, ft, progress=False))
+    objectives = [ResponseNLL(pairs), RetainKL(pairs)]
+    setup, with_kl = setup_and_step_flops(lambda cb: finetune(model, objectives, ft, progress=False, callback=cb))
+    assert setup > 0 and with_kl >= step  # the reference pass over every example, once; the step adds the KL term
+
+
 def test_the_success_rule_on_hand_made_curves():
     threat = ThreatModel(refusal_fraction=0.5, refusal_absolute=0.2, utility_nll=0.1)
     base = {"refusal": 0.8, "nll": 2.0}

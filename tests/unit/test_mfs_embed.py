@@ -136,6 +136,15 @@ def test_embed_trains_only_the_added_neurons_resumes_and_leaves_no_hook(hf_dir, 
     assert torch.equal(again.blocks[1].mlp.W_out, wide.blocks[1].mlp.W_out)
 
 
+def test_building_costs_the_reference_passes_once_and_each_step(hf_dir):
+    base = ms.load_model(str(hf_dir))
+    small, wide = (E.build_flops(E.EmbedConfig(base=str(hf_dir), n_features=n, steps=9), base, _recipe(hf_dir))
+                   for n in (2, 64))
+    assert 0 < small["step"] < wide["step"]  # more neurons, more multiply-adds in every MLP
+    assert small["setup"] > 0  # the retain objective's reference pass over every example, before the first step
+    assert small["total"] == small["setup"] + 9 * small["step"]
+
+
 def test_single_direction_control_writes_along_one_direction(hf_dir, tmp_path):
     cfg = E.EmbedConfig(base=str(hf_dir), n_features=4, steps=2, lr=1e-2, directions="single")
     wide, _ = E.embed(cfg, None, model=ms.load_model(str(hf_dir)), recipe=_recipe(hf_dir), progress=False)
