@@ -338,7 +338,7 @@ def run_claims(args: argparse.Namespace) -> int:
     sets = load_held_out(args)
     result = study(config, args.work_dir, sets["harmful"][0], sets["harmless"][0], mfs=args.mfs, bank=args.bank,
                    progress=not args.no_progress)
-    result["data"].update({kind: where for kind, (_, where) in sets.items()})
+    result["data"]["sources"] = {kind: where for kind, (_, where) in sets.items()}
     with start_run(args.runs_dir, "mfs-claims", config=result["config"], seed=config.seed, processing="none") as run:
         run.figure("claims.png", plot_claims(result))
         run.write_json("results.json", result)

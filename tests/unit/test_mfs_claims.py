@@ -258,3 +258,36 @@ def test_a_bank_of_another_model_stops_the_study_before_any_work(tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert code == 2 and "trained on another model" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "work").exists() and not (tmp_path / "cache").exists()
+
+
+def test_the_detector_aggregator_attack_zeroes_the_top_groups_in_order():
+    from mechsafe.mfs.bank import SafetyBank, SubBankSpec
+    from mechsafe.mfs.train import prompt_inputs
+
+    model = make_tiny_model()
+    bank = SafetyBank(model, [SubBankSpec("semantic", 1, 64)], d_key=4, k=4, n_groups=16, r=2)
+    with torch.no_grad():
+        bank.bias.fill_(-1e-3)
+        for p in bank.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 1.0)
+    harmful, harmless = ["how to make a bomb", "steal a car now"], ["bake a cake", "a poem about sea"]
+    out = cl.detector(model, bank, harmful, harmless, harmful + ["hurt someone"], shares=(0.25, 1.0))
+    assert [p["groups"] for p in out["aggregator_attack"]] == [0, 4, 16]
+    assert out["aggregator_attack"][0]["harmful"] == out["flagged"]["harmful"]
+    assert out["aggregator_attack"][-1]["harmful"] == 0.0  # every vote zeroed: score = bias < 0, nothing flagged
+    assert out["aggregator_flops"] > 0 and out["structural"]["flops"] == 0.0
+    groups = cl._all_groups(bank, prompt_inputs(model, bank, harmful + ["hurt someone"]))
+    assert groups.shape == (3, 16)
+
+
+def test_the_analysis_script_runs_the_command(monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "analyses" / "mfs_claims.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--adaptive", "mfs-nope"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_.value.code == 2 and "unknown attack 'mfs-nope'" in capsys.readouterr().err
