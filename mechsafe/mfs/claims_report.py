@@ -71,7 +71,8 @@ def claims_markdown(results: dict[str, Any], figures: dict[str, str] | None = No
              f"at sizes {', '.join(str(n) for n in results['sizes'])}; held-out prompts: {results['data']['harmful']} "
              f"harmful, {results['data']['harmless']} harmless; study time {results['seconds']:.0f} s.", "",
              "**Threat model**: " + results["threat"] + ". The adaptive attacker also knows how MFS models are made "
-             "(added MLP neurons with zero-initialised write rows) and, for `mfs-diff` and `mfs-layout`, has the public "
+             "(added MLP neurons with zero-initialised write rows) and, for `mfs-diff` and `mfs-layout`, has the "
+             "public "
              "base model." + (f" Budget: {c['budget_flops']:.3g} FLOPs per attack." if c["budget_flops"] else ""), "",
              "## The four criteria", "", "| claim | measured | threshold | met | detail |", "|---|---|---|---|---|"]
     for r in results["criteria"]:
@@ -80,7 +81,8 @@ def claims_markdown(results: dict[str, Any], figures: dict[str, str] | None = No
     lines += ["", "## Cost to break, per attack (FLOPs, worst case over the sweep)", "",
               f"| attack | {c['baseline']} | MFS {top} | MFS / aligned |", "|---|---|---|---|"]
     for attack in dict.fromkeys(list(base_summary) + list(mfs_summary)):
-        a, m = (base_summary.get(attack) or {}).get("cost_to_break"), (mfs_summary.get(attack) or {}).get("cost_to_break")
+        a = (base_summary.get(attack) or {}).get("cost_to_break")
+        m = (mfs_summary.get(attack) or {}).get("cost_to_break")
         ratio = "—" if not a or not m or not a["flops"] else _num(m["flops"] / a["flops"])
         lines.append(f"| {attack} | {_break(base_summary, attack)} | {_break(mfs_summary, attack)} | {ratio} |")
     lines.append("| structural, detector mode | — | 0 | — |")
@@ -88,7 +90,8 @@ def claims_markdown(results: dict[str, Any], figures: dict[str, str] | None = No
               "guard at zero cost, whatever the bank's size or aggregation."]
     costs = results["costs"]
     built = ("not counted in this profile" if main["build_flops"] is None else
-             f"{_num(float(main['build_flops']))} FLOPs (reference passes {_num(float(main['setup_flops']))} once, then "
+             f"{_num(float(main['build_flops']))} FLOPs (reference passes {_num(float(main['setup_flops']))} once, "
+             "then "
              f"{c['embed_steps']} steps of {_num(float(main['step_flops']))})")
     lines += ["", f"Building the MFS model: {built}. Retraining ({costs['retrain_definition']}): "
               f"{_num(costs['retrain_flops'])} FLOPs.", "",
@@ -100,7 +103,8 @@ def claims_markdown(results: dict[str, Any], figures: dict[str, str] | None = No
                          f"{_num(float(s['flops']))} |")
     if "sae" in main["search"]:
         s = main["search"]["sae"]
-        lines.append(f"| sae (blocks {', '.join(map(str, s['layers']))}) | latents | — | — | {_num(float(s['flops']))} |")
+        layers = ", ".join(map(str, s["layers"]))
+        lines.append(f"| sae (blocks {layers}) | latents | — | — | {_num(float(s['flops']))} |")
     lines += ["", "Refusal rate of the held-out harmful prompts by generation after each removal (unattacked: "
               f"{main['bench']['base_confirmed']['refusal_rate']['value']:.3f}):", "",
               "| attack | " + " | ".join(f"{f:g}" for f in c["fractions"]) + " |",
@@ -132,7 +136,8 @@ def claims_markdown(results: dict[str, Any], figures: dict[str, str] | None = No
                   "|---|" + "---|" * (len(sc["sizes"]) + 1),
                   "| build FLOPs | " + " | ".join(_num(None if f is None else float(f)) for f in sc["build"]["flops"])
                   + f" | {_fit(sc['build']['fit'])} |",
-                  "| cheapest break | " + " | ".join(_num(None if f is None else float(f)) for f in sc["cheapest"]["flops"])
+                  "| cheapest break | "
+                  + " | ".join(_num(None if f is None else float(f)) for f in sc["cheapest"]["flops"])
                   + f" | {_fit(sc['cheapest']['fit'])} |"]
         for attack, s in sc["attacks"].items():
             lines.append(f"| {attack} | " + " | ".join(_num(None if f is None else float(f)) for f in s["flops"])
@@ -140,11 +145,13 @@ def claims_markdown(results: dict[str, Any], figures: dict[str, str] | None = No
         lines += ["", "A slope above 1 with its interval above 1 would be the superlinear growth the seed expects; "
                   "attacks that break at zero FLOPs have no log-log slope.", ""]
     perf = results["performance"]
-    lines += ["## Performance", "", "| model | refusal | over-refusal | arithmetic | answer NLL | KL to base (harmless) "
+    lines += ["## Performance", "", "| model | refusal | over-refusal | arithmetic | answer NLL "
+              "| KL to base (harmless) "
               "| forward s | parameters MB |", "|---|---|---|---|---|---|---|---|"]
     for name in ("base", "aligned", "mfs"):
         p = perf[name]
-        lines.append(f"| {name} | {_est(p['refusal_rate'])} | {_est(p['over_refusal'])} | {_est(p['utility_accuracy'])} "
+        lines.append(f"| {name} | {_est(p['refusal_rate'])} | {_est(p['over_refusal'])} "
+                     f"| {_est(p['utility_accuracy'])} "
                      f"| {_est(p['answer_nll'])} | {_est(p['kl_harmless'])} | {p['latency_s']:.3f} | "
                      f"{p['param_bytes'] / 2**20:.0f} |")
     lines += ["", "## Conclusion", ""] + conclusion(results) + [""]
@@ -165,7 +172,8 @@ def plot_claims(results: dict[str, Any]):
     main = results["mfs"][top]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for attack, style in (("mfs-random", "o-"), ("mfs-stats", "s--"), ("mfs-diff", "^:")):
-        pts = sorted((t["fraction"], t["curve"][0]["refusal"]) for t in main["bench"]["trials"] if t["attack"] == attack)
+        pts = sorted((t["fraction"], t["curve"][0]["refusal"]) for t in main["bench"]["trials"]
+                     if t["attack"] == attack)
         if pts:
             left.plot(*zip(*pts), style, label=attack)
     base = main["bench"]["base_confirmed"]["refusal_rate"]["value"]
