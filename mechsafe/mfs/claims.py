@@ -504,6 +504,9 @@ def run_claims(config: ClaimsConfig | None = None, work_dir: str | Path | None =
     if baseline.cfg.d_vocab != base.cfg.d_vocab or baseline.cfg.d_model != base.cfg.d_model:
         raise MechsafeError(f"the baseline {c.baseline} is not a version of {c.base}; "
                             "pass the aligned model made from it")
+    if given is not None and (embedded_spec(given).base_d_mlp != base.cfg.d_mlp
+                              or given.cfg.d_model != base.cfg.d_model or given.cfg.n_layers != base.cfg.n_layers):
+        raise MechsafeError(f"{mfs} was not built from {c.base}; pass the base model it was built from with --base")
     detector_bank = None
     if bank is not None:
         from mechsafe.mfs.bank import load_bank
