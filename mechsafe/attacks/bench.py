@@ -27,7 +27,7 @@ from mechsafe import interventions as iv
 from mechsafe.attacks.config import FINETUNE_ATTACKS, BenchConfig, ThreatModel
 from mechsafe.attacks.data import benign_pairs, check_held_out, compliant_pairs, draw, harmful_requests
 from mechsafe.attacks.evaluate import FastEval, eval_subsets
-from mechsafe.attacks.flops import count_flops, dense_estimate, parameters
+from mechsafe.attacks.flops import count_flops, dense_estimate, parameters, setup_and_step_flops
 from mechsafe.chat import format_prompt
 from mechsafe.data import compliances, prompt_pool
 from mechsafe.errors import MechsafeError
@@ -110,15 +110,21 @@ def restore_weights(model: HookedTransformer, clean: dict[str, torch.Tensor]) ->
             p.copy_(clean[name])
 
 
-def one_step_flops(model: HookedTransformer, clean: dict[str, torch.Tensor], data: Sequence,
-                config: FinetuneConfig) -> int:
-    """FLOPs of one optimizer step of ``config`` on its first batch of ``data`` ((prompt, response) pairs or
-    objectives); the model is restored after."""
+def setup_and_one_step(model: HookedTransformer, clean: dict[str, torch.Tensor], data: Sequence,
+                       config: FinetuneConfig) -> tuple[int, int]:
+    """FLOPs of a run of ``config`` on ``data`` ((prompt, response) pairs or objectives) before its first step (the
+    objectives' reference passes) and of one optimizer step on its first batch; the model is restored after."""
     one = dataclasses.replace(config, steps=1, callback_every=1, checkpoint_every=0)
     try:
-        return count_flops(lambda: finetune(model, list(data), one, progress=False))
+        return setup_and_step_flops(lambda cb: finetune(model, list(data), one, progress=False, callback=cb))
     finally:
         restore_weights(model, clean)
+
+
+def one_step_flops(model: HookedTransformer, clean: dict[str, torch.Tensor], data: Sequence,
+                config: FinetuneConfig) -> int:
+    """FLOPs of a one-step run of ``config`` on ``data``, its setup included; the model is restored after."""
+    return sum(setup_and_one_step(model, clean, data, config))
 
 
 def finetune_trials(config: BenchConfig) -> Iterator[dict[str, Any]]:
@@ -411,7 +417,6 @@ def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -
     (``base_model`` is restored after)."""
     from mechsafe.align import AlignConfig
     from mechsafe.align.data import training_objectives
-    from mechsafe.attacks.flops import setup_and_step_flops
     from mechsafe.models import model_info
 
     extra = model_info(model).extra
@@ -422,9 +427,5 @@ def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -
     objectives, _ = training_objectives(config, base_model, build_dir, progress=False)
     steps = int(read_json(build_dir / "finetune" / "run.json")["steps"])
     clean = {n: p.detach().clone() for n, p in base_model.named_parameters()}
-    one = dataclasses.replace(config.finetune, steps=1, callback_every=1, checkpoint_every=0)
-    try:
-        setup, step = setup_and_step_flops(lambda cb: finetune(base_model, objectives, one, progress=False, callback=cb))
-    finally:
-        restore_weights(base_model, clean)
+    setup, step = setup_and_one_step(base_model, clean, objectives, config.finetune)
     return float(setup + steps * step)

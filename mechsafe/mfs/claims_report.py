@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from mechsafe.mfs.claims import cheapest
+from mechsafe.reporting.render import est
 
 
 def _num(x: Any, digits: int = 3) -> str:
@@ -16,10 +17,6 @@ def _num(x: Any, digits: int = 3) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}g}" if abs(x) >= 1e4 or (0 < abs(x) < 1e-3) else f"{x:.{digits}f}"
     return str(x)
-
-
-def _est(d: dict[str, float] | None) -> str:
-    return "—" if d is None else f"{d['value']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
 
 
 def _fit(fit: dict[str, Any] | None) -> str:
@@ -150,9 +147,9 @@ def claims_markdown(results: dict[str, Any], figures: dict[str, str] | None = No
               "| forward s | parameters MB |", "|---|---|---|---|---|---|---|---|"]
     for name in ("base", "aligned", "mfs"):
         p = perf[name]
-        lines.append(f"| {name} | {_est(p['refusal_rate'])} | {_est(p['over_refusal'])} "
-                     f"| {_est(p['utility_accuracy'])} "
-                     f"| {_est(p['answer_nll'])} | {_est(p['kl_harmless'])} | {p['latency_s']:.3f} | "
+        lines.append(f"| {name} | {est(p['refusal_rate'])} | {est(p['over_refusal'])} "
+                     f"| {est(p['utility_accuracy'])} "
+                     f"| {est(p['answer_nll'])} | {est(p['kl_harmless'])} | {p['latency_s']:.3f} | "
                      f"{p['param_bytes'] / 2**20:.0f} |")
     lines += ["", "## Conclusion", ""] + conclusion(results) + [""]
     for name, caption in (figures or {}).items():
