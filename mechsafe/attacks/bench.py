@@ -414,18 +414,24 @@ def summarize(trials: Sequence[dict[str, Any]], threat: ThreatModel, base: dict[
 def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -> float | None:
     """FLOPs that built a model made by ``mechsafe align`` (``None`` for other models): its recipe's objectives'
     reference passes once plus its training steps, each counted as one step of the recipe on the build's own data
-    (``base_model`` is restored after)."""
+    (``base_model`` is restored after). The count (minutes on CPU: the reference passes run once) is kept under
+    ``$MECHSAFE_CACHE/attacks``, keyed by both models' weights."""
     from mechsafe.align import AlignConfig
     from mechsafe.align.data import training_objectives
-    from mechsafe.models import model_info
+    from mechsafe.models import cache_dir, model_info
+    from mechsafe.runs import write_json
 
     extra = model_info(model).extra
     build_dir = Path(extra.get("build_dir") or "")
     if not extra.get("align_config") or not (build_dir / "finetune" / "run.json").is_file():
         return None
+    path = cache_dir() / "attacks" / f"build-flops-{stable_hash([fingerprint(model), fingerprint(base_model)])}.json"
+    if path.is_file():
+        return float(read_json(path)["flops"])
     config = AlignConfig(**extra["align_config"])
     objectives, _ = training_objectives(config, base_model, build_dir, progress=False)
     steps = int(read_json(build_dir / "finetune" / "run.json")["steps"])
     clean = {n: p.detach().clone() for n, p in base_model.named_parameters()}
     setup, step = setup_and_one_step(base_model, clean, objectives, config.finetune)
+    write_json(path, {"flops": float(setup + steps * step), "setup": setup, "step": step, "steps": steps})
     return float(setup + steps * step)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -129,11 +129,20 @@ def search_by_statistics(model: HookedTransformer, min_separation: float = 6.0) 
     return out
 
 
+def _prompt_batches(model: HookedTransformer, texts: Sequence[str], batch_size: int
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The chat-formatted ``texts`` in right-padded batches: ``(tokens [batch, pos], lengths [batch])``."""
+    from mechsafe.chat import encode_prompts, pad_id, pad_right
+
+    seqs = encode_prompts(model.tokenizer, list(texts))
+    for i in range(0, len(seqs), batch_size):
+        yield pad_right([e.ids for e in seqs[i:i + batch_size]], pad_id(model.tokenizer))
+
+
 def unit_importance(model: HookedTransformer, units: Units, prompts: Sequence[str], batch_size: int = 16
                     ) -> torch.Tensor:
     """Each neuron's mean absolute activation over the prompts' positions (padding excluded) times the norm of its
     write row, in ``units`` order (block by block)."""
-    from mechsafe.chat import encode_prompts, pad_id, pad_right
     from mechsafe.forward import eval_mode
     from mechsafe.interventions import hooked
 
@@ -149,11 +158,9 @@ def unit_importance(model: HookedTransformer, units: Units, prompts: Sequence[st
             sums[layer] += (post[..., idx].abs() * box["m"].unsqueeze(-1)).sum((0, 1)).double().cpu()
         return fn
 
-    seqs = encode_prompts(model.tokenizer, list(prompts))
     with eval_mode(model), torch.no_grad(), hooked(model, [(hook_name(model, "mlp_post", layer), make(layer))
                                                            for layer in layers]):
-        for i in range(0, len(seqs), batch_size):
-            tokens, lengths = pad_right([e.ids for e in seqs[i:i + batch_size]], pad_id(model.tokenizer))
+        for tokens, lengths in _prompt_batches(model, prompts, batch_size):
             mask = torch.arange(tokens.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
             box["m"] = mask.to(model.cfg.device, torch.float32)
             total += int(mask.sum())
@@ -204,14 +211,11 @@ def token_activations(model: HookedTransformer, texts: Sequence[str], hook: str,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations at ``hook`` of every token of ``texts`` (chat template) after the first (an attention sink),
     ``[tokens, d]``, and of each text's last token, ``[texts, d]``."""
-    from mechsafe.chat import encode_prompts, pad_id, pad_right
     from mechsafe.forward import eval_mode
 
-    seqs = encode_prompts(model.tokenizer, list(texts))
     parts, last = [], []
     with eval_mode(model), torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            tokens, lengths = pad_right([e.ids for e in seqs[i:i + batch_size]], pad_id(model.tokenizer))
+        for tokens, lengths in _prompt_batches(model, texts, batch_size):
             _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=hook, return_type=None)
             act = cache[hook].float().cpu()
             for row, n in enumerate(lengths.tolist()):

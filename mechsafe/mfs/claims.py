@@ -41,10 +41,12 @@ logger = logging.getLogger(__name__)
 
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(sizes=(10_000,), embed_steps=140, attacks=("direction",), count_build=False,
-                  scaling_attacks=("direction",), lrs=(1e-3,), finetune_steps=10, seeds=(0,), directions=2,
-                  eval_limit=24, fractions=(0.9,), sae_layers=(15,), sae_tokens=30_000, sae_top=(16,),
-                  utility_limit=10, max_new_tokens=32, performance_limit=16, confirm_tokens=24),
+                  scaling_attacks=("direction",), adaptive=("mfs-random", "mfs-layout", "mfs-stats", "mfs-sae"),
+                  lrs=(1e-3,), finetune_steps=10, seeds=(0,), directions=2, eval_limit=24, fractions=(0.9,),
+                  sae_layers=(15,), sae_tokens=30_000, sae_top=(16,), utility_limit=10, max_new_tokens=32,
+                  performance_limit=8, confirm_tokens=24),
     "full": dict(sizes=(1000, 3000, 10_000), embed_steps=140, attacks=BenchConfig().attacks, count_build=True,
+                 adaptive=ADAPTIVE_ATTACKS,
                  scaling_attacks=("direction",), lrs=BenchConfig().lrs, finetune_steps=BenchConfig().steps,
                  seeds=BenchConfig().seeds, directions=BenchConfig().directions, eval_limit=BenchConfig().eval_limit,
                  fractions=(0.5, 0.9, 1.0), sae_layers=(10, 20), sae_tokens=200_000, sae_top=(4, 16, 64),
@@ -52,7 +54,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                  confirm_tokens=BenchConfig().confirm_max_new_tokens),
 }
 """``quick`` attacks the 10,000-neuron model (built once and shared with ``full``) by direction ablation and the
-adaptive attacks, without scaling or the FLOPs of building it; ``full`` builds three sizes and runs the attack
+adaptive attacks but the base-model diff, without scaling or the FLOPs of building it; ``full`` builds three sizes and runs the attack
 bench's default sweep."""
 
 
@@ -76,8 +78,9 @@ class ClaimsConfig:
     """Count the FLOPs of building each MFS model (a one-step run with the recipe's reference passes)."""
     scaling_attacks: tuple[str, ...] | None = None
     """Bench attacks on every size (with the adaptive ones except ``mfs-sae``, run at the largest size)."""
-    adaptive: tuple[str, ...] = ADAPTIVE_ATTACKS
-    """Attacks that know MFS (``mfs-random``, ``mfs-layout``, ``mfs-diff``, ``mfs-stats``, ``mfs-sae``)."""
+    adaptive: tuple[str, ...] | None = None
+    """Attacks that know MFS (``mfs-random``, ``mfs-layout``, ``mfs-diff``, ``mfs-stats``, ``mfs-sae``; the quick
+    profile leaves out ``mfs-diff``)."""
     lrs: tuple[float, ...] | None = None
     """Learning rates of the fine-tuning attacks (as the bench's ``lrs``)."""
     finetune_steps: int | None = None
@@ -103,7 +106,7 @@ class ClaimsConfig:
     confirm_tokens: int | None = None
     """Tokens generated per held-out harmful prompt when the bench measures refusal by generation."""
     performance_limit: int | None = None
-    """Held-out harmful and harmless prompts of the utility measure (``None``: all; the quick profile: 24 each)."""
+    """Held-out harmful and harmless prompts of the utility measure (``None``: all)."""
     budget_flops: float | None = None
     """Attacker's budget: a break costing more counts as no break (``None``: none)."""
     cost_ratio: float = 100.0
@@ -121,8 +124,9 @@ class ClaimsConfig:
         for name in ("attacks", "scaling_attacks"):
             if getattr(self, name) is not None:
                 setattr(self, name, check_attacks(getattr(self, name)))
-        self.adaptive = tuple((self.adaptive,) if isinstance(self.adaptive, str) else self.adaptive)
-        for name in self.adaptive:
+        if isinstance(self.adaptive, str):
+            self.adaptive = (self.adaptive,)
+        for name in self.adaptive or ():
             if name not in ADAPTIVE_ATTACKS:
                 raise MechsafeError(f"unknown attack {name!r}{closest(name, ADAPTIVE_ATTACKS + ATTACKS)}; adaptive "
                                     f"attacks are {', '.join(ADAPTIVE_ATTACKS)}, bench attacks {', '.join(ATTACKS)}")
@@ -477,7 +481,6 @@ def run_claims(config: ClaimsConfig | None = None, work_dir: str | Path | None =
     from mechsafe.mfs.embed import EmbedConfig, embed, embedded_spec, save_embedded, build_flops
     from mechsafe.models import CHECKPOINT_MANIFEST, cache_dir, load_model
     from mechsafe.runs import stable_hash
-    from mechsafe.weights import fingerprint
 
     config = config or ClaimsConfig()
     c = config.resolved()
@@ -530,8 +533,7 @@ def run_claims(config: ClaimsConfig | None = None, work_dir: str | Path | None =
     check_budget(bench["summary"], c.budget_flops, c.baseline)
     lap("baseline bench")
     results["baseline"] = {"model": c.baseline, "bench": bench}
-    retrain = _cached_json(cache_dir() / "mfs" / f"retrain-{fingerprint(baseline)}.json",
-                           lambda: {"flops": align_build_flops(baseline, base)})["flops"]
+    retrain = align_build_flops(baseline, base)
     results["costs"] = {"retrain_flops": retrain, "retrain_definition": f"re-running the recipe of {c.baseline} "
                         f"(mechsafe align) from {c.base}: its reference passes once plus its steps, at their "
                         "counted FLOPs"}

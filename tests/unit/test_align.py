@@ -202,6 +202,18 @@ def test_the_aligned_spec_is_built_once_then_loaded_from_the_cache(hf_dir, tmp_p
     monkeypatch.setattr(al.run, "train", lambda *a, **k: pytest.fail("a cached build must not train again"))
     again = ms.load_model(al.ALIGNED_SPEC, processing="fold")
     assert model_info(again).checkpoint == info.checkpoint and len(calls) == 2
+    # the FLOPs that built it: the reference passes once plus 4 counted steps, kept so a second call counts nothing
+    from mechsafe.attacks import bench
+
+    base = ms.load_model(str(hf_dir), processing="none")
+    objectives, _ = al.training_objectives(tiny, base, tmp_path / "ref", progress=False)
+    clean = {n: p.detach().clone() for n, p in base.named_parameters()}
+    setup, step = bench.setup_and_one_step(base, clean, objectives, ft)
+    assert setup > 0 and step > 0
+    assert bench.align_build_flops(model, base) == setup + 4 * step
+    monkeypatch.setattr(bench, "setup_and_one_step", lambda *a: pytest.fail("the count should come from the cache"))
+    assert bench.align_build_flops(model, base) == setup + 4 * step
+    assert bench.align_build_flops(base, base) is None  # not a mechsafe align build
     # another recipe is another cache entry
     assert al.run.code_fingerprint() == al.run.code_fingerprint()
     assert json.dumps(tiny.to_dict()) != json.dumps(al.AlignConfig().to_dict())
