@@ -54,8 +54,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                  confirm_tokens=BenchConfig().confirm_max_new_tokens),
 }
 """``quick`` attacks the 10,000-neuron model (built once and shared with ``full``) by direction ablation and the
-adaptive attacks but the base-model diff, without scaling or the FLOPs of building it; ``full`` builds three sizes and runs the attack
-bench's default sweep."""
+adaptive attacks but the base-model diff, without scaling or the FLOPs of building it; ``full`` builds three sizes
+and runs the attack bench's default sweep."""
 
 
 @dataclasses.dataclass
@@ -124,8 +124,8 @@ class ClaimsConfig:
         for name in ("attacks", "scaling_attacks"):
             if getattr(self, name) is not None:
                 setattr(self, name, check_attacks(getattr(self, name)))
-        if isinstance(self.adaptive, str):
-            self.adaptive = (self.adaptive,)
+        if self.adaptive is not None:
+            self.adaptive = tuple((self.adaptive,) if isinstance(self.adaptive, str) else self.adaptive)
         for name in self.adaptive or ():
             if name not in ADAPTIVE_ATTACKS:
                 raise MechsafeError(f"unknown attack {name!r}{closest(name, ADAPTIVE_ATTACKS + ATTACKS)}; adaptive "
