@@ -411,11 +411,12 @@ def summarize(trials: Sequence[dict[str, Any]], threat: ThreatModel, base: dict[
     return out
 
 
-def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -> float | None:
+def align_build_flops(model: HookedTransformer, base_model: HookedTransformer, count: bool = True) -> float | None:
     """FLOPs that built a model made by ``mechsafe align`` (``None`` for other models): its recipe's objectives'
     reference passes once plus its training steps, each counted as one step of the recipe on the build's own data
     (``base_model`` is restored after). The count (minutes on CPU: the reference passes run once) is kept under
-    ``$MECHSAFE_CACHE/attacks``, keyed by both models' weights."""
+    ``$MECHSAFE_CACHE/attacks``, keyed by both models' weights; ``count=False`` returns only a kept count (else
+    ``None``)."""
     from mechsafe.align import AlignConfig
     from mechsafe.align.data import training_objectives
     from mechsafe.models import cache_dir, model_info
@@ -428,6 +429,8 @@ def align_build_flops(model: HookedTransformer, base_model: HookedTransformer) -
     path = cache_dir() / "attacks" / f"build-flops-{stable_hash([fingerprint(model), fingerprint(base_model)])}.json"
     if path.is_file():
         return float(read_json(path)["flops"])
+    if not count:
+        return None
     config = AlignConfig(**extra["align_config"])
     objectives, _ = training_objectives(config, base_model, build_dir, progress=False)
     steps = int(read_json(build_dir / "finetune" / "run.json")["steps"])

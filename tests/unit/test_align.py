@@ -210,7 +210,9 @@ def test_the_aligned_spec_is_built_once_then_loaded_from_the_cache(hf_dir, tmp_p
     clean = {n: p.detach().clone() for n, p in base.named_parameters()}
     setup, step = bench.setup_and_one_step(base, clean, objectives, ft)
     assert setup > 0 and step > 0
+    assert bench.align_build_flops(model, base, count=False) is None  # nothing kept yet
     assert bench.align_build_flops(model, base) == setup + 4 * step
+    assert bench.align_build_flops(model, base, count=False) == setup + 4 * step
     monkeypatch.setattr(bench, "setup_and_one_step", lambda *a: pytest.fail("the count should come from the cache"))
     assert bench.align_build_flops(model, base) == setup + 4 * step
     assert bench.align_build_flops(base, base) is None  # not a mechsafe align build

@@ -177,6 +177,12 @@ def test_the_four_criteria_from_bench_results():
                                 sae_flops=1e14), config)
     assert [r["met"] for r in rows] == [False, False, False, False]
     assert rows[0]["measured"] == 0.0 and rows[2]["measured"] == pytest.approx(0.2)
+    # no retraining count: unmeasured, and the note says why
+    unknown = _results({"direction": 2e15}, {"direction": 1e13}, 0.7, retrain=None)
+    row = cl.criteria(unknown, config)[3]
+    assert row["met"] is None and row["measured"] is None and "not a mechsafe align build" in row["note"]
+    row = cl.criteria(unknown, cl.ClaimsConfig(sizes=(1000,), profile="quick"))[3]
+    assert row["met"] is None and "not counted in this profile" in row["note"]
 
 
 PLANTED: dict = {}
