@@ -143,6 +143,10 @@ class EmbeddedSpec:
         """Every added neuron as ``(layer, MLP index)``, block by block."""
         return [(layer, self.base_d_mlp + j) for layer, n in enumerate(self.counts) for j in range(n)]
 
+    def units(self) -> dict[int, torch.Tensor]:
+        """The added neurons' MLP indices by block (``{layer: indices}``, as :mod:`mechsafe.mfs.adaptive` takes)."""
+        return {layer: torch.arange(self.base_d_mlp, self.base_d_mlp + self.counts[layer]) for layer in self.layers}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -498,9 +502,7 @@ def neuron_importance(model: HookedTransformer, prompts: Sequence[str], batch_si
     its write row: the size of what it writes, in :meth:`EmbeddedSpec.neurons` order."""
     from mechsafe.mfs.adaptive import unit_importance
 
-    spec = embedded_spec(model)
-    units = {layer: torch.arange(spec.base_d_mlp, spec.base_d_mlp + spec.counts[layer]) for layer in spec.layers}
-    return unit_importance(model, units, prompts, batch_size)
+    return unit_importance(model, embedded_spec(model).units(), prompts, batch_size)
 
 
 def remove_neurons(model: HookedTransformer, indices: Sequence[int]):
