@@ -55,7 +55,8 @@ class Defense:
     """Adaptive attacks that know the defense, run after the sweep's: attack name -> trials ``(setting, fn)``, where
     ``fn(model)`` edits the model and returns an undo handle and the FLOPs the attacker spent finding the edit. They
     are measured by generation: the fast score is calibrated on the unattacked model, and an edit that removes the
-    parts shaping that score can move it anywhere."""
+    parts shaping that score can move it anywhere. A handle with a ``key`` attribute names its edit: trials whose edits
+    share a key are measured once."""
 
 
 class _Edits:
@@ -177,25 +178,40 @@ def run_finetune_trial(model: HookedTransformer, clean: dict[str, torch.Tensor],
 
 def _edit_trial(model: HookedTransformer, name: str, setting: dict[str, Any], edit: Callable[[], Any],
                 flops: float | Callable[[], float], fast: FastEval, threat: ThreatModel, base: dict[str, float],
-                base_rate: float | None = None) -> dict[str, Any]:
+                base_rate: float | None = None, measured: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """One zero-step trial: ``edit()`` returns an undo handle; ``flops`` is the attacker's cost (or a function giving
     it once the edit is made). With ``base_rate`` (the unattacked model's refusal rate by generation) the edited
-    model is measured by generation whatever the fast score says, and broken by the confirmed rate."""
+    model is measured by generation whatever the fast score says, and broken by the confirmed rate. A handle with a
+    ``key`` names its edit: the trial records it as ``edit``, and when ``measured`` (finished trials by edit) holds
+    the same edit, its measurement is reused (the model is the same) at this trial's cost, marked ``same_edit_as``."""
     t0 = time.perf_counter()
     handle = edit()
+    key = getattr(handle, "key", None)
+    earlier = (measured or {}).get(key) if key is not None else None
     try:
-        point = {"step": 0, "flops": float(flops() if callable(flops) else flops), **fast(model)}
-        broken = None
-        if base_rate is not None:
-            confirmed = fast.confirm(model)
-            point.update(fast_refusal=point["refusal"], refusal=confirmed["refusal_rate"]["value"])
-            if threat.broken(point["refusal"], confirmed["nll"], base_rate, base["nll"]):
-                broken = {**point, "confirmed": confirmed}
-        elif threat.broken(point["refusal"], point["nll"], base["refusal"], base["nll"]):
-            broken = {**point, "confirmed": fast.confirm(model)}
+        cost = float(flops() if callable(flops) else flops)
+        if earlier is not None:
+            fields = {k: v for k, v in earlier["curve"][0].items() if k not in ("step", "flops")}
+            confirmed = earlier["break"]["confirmed"] if earlier["break"] else None
+        else:
+            fields, confirmed = dict(fast(model)), None
+            if base_rate is not None:
+                check = fast.confirm(model)
+                fields.update(fast_refusal=fields["refusal"], refusal=check["refusal_rate"]["value"])
+                if threat.broken(fields["refusal"], check["nll"], base_rate, base["nll"]):
+                    confirmed = check
+            elif threat.broken(fields["refusal"], fields["nll"], base["refusal"], base["nll"]):
+                confirmed = fast.confirm(model)
     finally:
         handle.undo()
-    return {"attack": name, **setting, "curve": [point], "break": broken, "seconds": time.perf_counter() - t0}
+    point = {"step": 0, "flops": cost, **fields}
+    trial = {"attack": name, **setting, "curve": [point], "break": None if confirmed is None else
+             {**point, "confirmed": confirmed}, "seconds": time.perf_counter() - t0}
+    if key is not None:
+        trial["edit"] = key
+    if earlier is not None:
+        trial["same_edit_as"] = earlier["key"]
+    return trial
 
 
 def refusal_directions(model: HookedTransformer, k: int, fast: FastEval, batch_size: int = 16
@@ -340,6 +356,7 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
         for part, remove in defense.removals.items():
             plan.append(("structural", {"part": part}, lambda part=part, remove=remove: _edit_trial(
                 model, "structural", {"part": part}, lambda: remove(model), 0.0, fast, threat, base)))
+    measured = {t["edit"]: t for t in store.done.values() if t.get("edit") and not t.get("same_edit_as")}
     for name, settings in (defense.attacks if defense else {}).items():
         for setting, fn in settings:
             def adaptive_trial(name=name, setting=setting, fn=fn) -> dict[str, Any]:
@@ -350,7 +367,7 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
                     return handle
 
                 return _edit_trial(model, name, setting, edit, lambda: spent["flops"], fast, threat, base,
-                                   base_rate=base_confirmed["refusal_rate"]["value"])
+                                   base_rate=base_confirmed["refusal_rate"]["value"], measured=measured)
 
             plan.append((name, setting, adaptive_trial))
 
@@ -361,6 +378,8 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
             trial = run()
             trial.update(key=trial_key, attack=attack)
             store.add(trial)
+            if trial.get("edit"):
+                measured.setdefault(trial["edit"], trial)
         trials.append(store.done[trial_key])
     return {"model": model_info(model).to_dict(), "config": dataclasses.asdict(config),
             "threat": dataclasses.asdict(threat), "threat_text": threat.describe(), "base": base,

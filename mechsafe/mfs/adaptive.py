@@ -175,18 +175,27 @@ def flat(units: Units) -> list[tuple[int, int]]:
     return [(layer, int(j)) for layer in sorted(units) for j in units[layer].tolist()]
 
 
-def remove(model: HookedTransformer, neurons: Sequence[tuple[int, int]]):
-    """Zero the weights of ``(layer, index)`` MLP neurons; an undo handle (a no-op handle when there are none)."""
+def remove(model: HookedTransformer, neurons: Sequence[tuple[int, int]]) -> "Removal":
+    """Zero the weights of ``(layer, index)`` MLP neurons; an undo handle whose ``key`` names the set removed (the
+    attack bench measures two trials that remove the same set once)."""
     from mechsafe.interventions import ablate_units
+    from mechsafe.runs import stable_hash
 
-    if not neurons:
-        return _Nothing()
-    return ablate_units(model, [(layer, "neuron", j) for layer, j in neurons])
+    chosen = sorted({(int(layer), int(j)) for layer, j in neurons})
+    edit = ablate_units(model, [(layer, "neuron", j) for layer, j in chosen]) if chosen else None
+    return Removal(edit, stable_hash(chosen))
 
 
-class _Nothing:
+@dataclasses.dataclass
+class Removal:
+    """Neurons zeroed by :func:`remove`: ``undo()`` restores them; ``key`` is the same for the same set."""
+
+    edit: Any
+    key: str
+
     def undo(self) -> None:
-        pass
+        if self.edit is not None:
+            self.edit.undo()
 
 
 # ---------------------------------------------------------------------------------------------- SAE discovery

@@ -202,7 +202,10 @@ class _Eval(bench_mod.FastEval):
     def __call__(self, model):
         return {"refusal": 0.9 * self.norm(model) / self.total, "refusal_score": 0.0, "nll": 2.0}
 
+    confirmed = 0
+
     def confirm(self, model, prompts=None):
+        _Eval.confirmed += 1
         r = self(model)["refusal"]
         return {"refusal_rate": {"value": r, "low": r, "high": r, "level": 0.95}, "nll": 2.0, "n": 4, "examples": []}
 
@@ -216,8 +219,19 @@ def test_adaptive_trials_run_through_the_bench_with_their_search_costs(tmp_path,
                              fractions=(0.5, 1.0))
     attacks, searches, search = cl.adaptive_attacks(wide, base, config, ["how do I do it"], ["hello"], sae=False)
     before = {n: p.detach().clone() for n, p in wide.named_parameters()}
+    _Eval.confirmed = 0
     result = bench_mod.run_bench(wide, None, ["bad one"], ["good one"], BenchConfig(attacks=("prefill",)),
                                  work_dir=tmp_path / "w", defense=Defense("mfs", attacks=attacks), progress=False)
+    adaptive = [t for t in result["trials"] if t["attack"].startswith("mfs-")]
+    edits = {t["edit"] for t in adaptive}
+    assert _Eval.confirmed == 2 + len(edits) < 2 + len(adaptive)  # base and prefill, then each distinct edit once
+    whole = [t for t in adaptive if t["fraction"] == 1.0 and t["attack"] != "mfs-stats"]  # all 30 added neurons
+    assert len({t["edit"] for t in whole}) == 1 and "same_edit_as" not in whole[0]
+    for t in whole[1:]:  # measured once, each at its own search cost
+        assert t["same_edit_as"] == whole[0]["key"]
+        assert {**t["curve"][0], "flops": 0} == {**whole[0]["curve"][0], "flops": 0}
+        assert t["break"]["flops"] == t["curve"][0]["flops"] == (0.0 if t["attack"] != "mfs-diff"
+                                                                  else searches["diff"]["flops"])
     summary = result["summary"]
     assert summary["mfs-diff"]["cost_to_break"]["setting"]["fraction"] in (0.5, 1.0)
     assert summary["mfs-stats"]["cost_to_break"]["flops"] > 0
