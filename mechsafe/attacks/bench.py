@@ -356,7 +356,6 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
         for part, remove in defense.removals.items():
             plan.append(("structural", {"part": part}, lambda part=part, remove=remove: _edit_trial(
                 model, "structural", {"part": part}, lambda: remove(model), 0.0, fast, threat, base)))
-    measured = {t["edit"]: t for t in store.done.values() if t.get("edit") and not t.get("same_edit_as")}
     for name, settings in (defense.attacks if defense else {}).items():
         for setting, fn in settings:
             def adaptive_trial(name=name, setting=setting, fn=fn) -> dict[str, Any]:
@@ -366,6 +365,7 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
                     handle, spent["flops"] = fn(model)
                     return handle
 
+                measured = {t["edit"]: t for t in store.done.values() if t.get("edit") and not t.get("same_edit_as")}
                 return _edit_trial(model, name, setting, edit, lambda: spent["flops"], fast, threat, base,
                                    base_rate=base_confirmed["refusal_rate"]["value"], measured=measured)
 
@@ -378,8 +378,6 @@ def run_bench(model: HookedTransformer, base_model: HookedTransformer | None, ha
             trial = run()
             trial.update(key=trial_key, attack=attack)
             store.add(trial)
-            if trial.get("edit"):
-                measured.setdefault(trial["edit"], trial)
         trials.append(store.done[trial_key])
     return {"model": model_info(model).to_dict(), "config": dataclasses.asdict(config),
             "threat": dataclasses.asdict(threat), "threat_text": threat.describe(), "base": base,
